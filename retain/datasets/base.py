@@ -1,0 +1,125 @@
+"""Dataset vocabulary: a ``Split`` of samples, a loaded ``DataBundle``, and the ``Dataset`` base.
+
+A ``Dataset`` stores where its data lives and does no I/O until ``load()`` is called. Images are
+either an in-memory uint8 array (N, H, W) or (N, H, W, 3), or an array of file paths decoded on
+demand. Every split knows a content key and the position of each sample in the full split, so
+frozen-backbone features can be cached per image and reused across tasks, methods and seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..registry import Registry
+
+
+class Split:
+    """Images and integer labels of one split (or a subset of it).
+
+    ``data``: uint8 array (N, H, W) / (N, H, W, 3), or object array of image paths.
+    ``targets``: int64 array (N,).  ``index``: positions in the full split (for caching).
+    ``key``: content hash of the full split this one was cut from.
+    """
+
+    def __init__(self, data: np.ndarray, targets: np.ndarray, *, key: str | None = None,
+                 index: np.ndarray | None = None):
+        targets = np.asarray(targets, dtype=np.int64)
+        if len(data) != len(targets):
+            raise ValueError(f"{len(data)} images but {len(targets)} labels")
+        self.data = data
+        self.targets = targets
+        self.index = np.arange(len(targets)) if index is None else np.asarray(index, np.int64)
+        self.key = key if key is not None else content_key(data)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def is_paths(self) -> bool:
+        return self.data.dtype == object
+
+    def subset(self, positions: np.ndarray) -> Split:
+        """The samples at ``positions`` (relative to this split), keeping the cache key."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return Split(self.data[positions], self.targets[positions], key=self.key,
+                     index=self.index[positions])
+
+    def relabel(self, targets: np.ndarray) -> Split:
+        """The same samples with other labels (e.g. remapped by a class order)."""
+        return Split(self.data, targets, key=self.key, index=self.index)
+
+    def image(self, i: int) -> Image.Image:
+        """Sample ``i`` as an RGB PIL image."""
+        if self.is_paths:
+            with Image.open(self.data[i]) as im:
+                return im.convert("RGB")
+        return Image.fromarray(self.data[i]).convert("RGB")
+
+    @staticmethod
+    def concat(splits: list[Split]) -> Split:
+        """Samples of several subsets of the same full split, in order."""
+        keys = {s.key for s in splits}
+        if len(keys) != 1:
+            raise ValueError("can only concatenate subsets of one split")
+        return Split(np.concatenate([s.data for s in splits]),
+                     np.concatenate([s.targets for s in splits]), key=keys.pop(),
+                     index=np.concatenate([s.index for s in splits]))
+
+
+def content_key(data: np.ndarray) -> str:
+    """A hash of the images' bytes, or of the paths with their sizes and modification times."""
+    h = hashlib.sha256()
+    if data.dtype == object:
+        for p in data:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        h.update(str(data.shape).encode())
+        h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A loaded dataset: train and test splits and the class names (label i = class_names[i])."""
+
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    source: dict = field(default_factory=dict)  # where it came from (paths, package versions)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Dataset(ABC):
+    """A named dataset. ``__init__`` only stores the root; ``load()`` reads the data."""
+
+    name: str = ""
+    num_classes: int = 0
+    description: str = ""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = None if root is None else Path(root)
+
+    @abstractmethod
+    def load(self) -> DataBundle:
+        """Read the data; raise ``DataError`` saying where it looked and how to get the data."""
+
+
+DATASETS: Registry[type[Dataset]] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+def create_dataset(name: str, root: str | Path | None = None) -> Dataset:
+    """The dataset registered as ``name``, reading from ``root`` where it needs one."""
+    return DATASETS.get(name)(root=root)

@@ -1,0 +1,17 @@
+"""Errors that retain raises on bad input. Each message names the problem and the fix."""
+
+
+class RetainError(Exception):
+    """Base class of every error retain raises on purpose."""
+
+
+class ConfigError(RetainError, ValueError):
+    """An unknown, ill-typed or conflicting configuration key or hyper-parameter."""
+
+
+class DataError(RetainError, FileNotFoundError):
+    """A dataset that is missing, malformed or not where it was looked for."""
+
+
+class WeightsError(RetainError, FileNotFoundError):
+    """Backbone weights that cannot be obtained (offline, wrong file, wrong format)."""

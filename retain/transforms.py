@@ -1,0 +1,67 @@
+"""Deterministic evaluation preprocessing: images of a ``Split`` -> a normalised float batch.
+
+Small in-memory images (MNIST, CIFAR) are resized as a whole batch with torch; image files are
+decoded with PIL, resized on the shorter side and centre-cropped, as timm's eval transform does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .datasets.base import Split
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to ``size`` (files: shorter side to size/crop_pct, then centre crop), normalise."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    @property
+    def key(self) -> str:
+        d = asdict(self)
+        return "-".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+    def with_size(self, size: int) -> Preprocess:
+        return Preprocess(size, self.mean, self.std, self.crop_pct, self.interpolation)
+
+    def __call__(self, split: Split, positions: np.ndarray) -> torch.Tensor:
+        """Images at ``positions`` of ``split`` as a (B, 3, size, size) float32 tensor."""
+        if split.is_paths:
+            x = torch.stack([self._file(split.image(int(i))) for i in positions])  # (B,3,S,S)
+        else:
+            x = self._array(split.data[positions])
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def _array(self, a: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[-1] == self.size and x.shape[-2] == self.size:
+            return x.contiguous()
+        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(self.size, self.size), mode=mode, align_corners=False,
+                          antialias=True)
+        return x.clamp_(0.0, 1.0)  # (B,3,S,S)
+
+    def _file(self, im: Image.Image) -> torch.Tensor:
+        short = int(round(self.size / self.crop_pct))
+        w, h = im.size
+        scale = short / min(w, h)
+        resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+        im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+        w, h = im.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
+        a = np.asarray(im, dtype=np.float32) / 255.0  # (S,S,3)
+        return torch.from_numpy(a).permute(2, 0, 1)
