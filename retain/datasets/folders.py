@@ -1,0 +1,300 @@
+"""The real benchmarks, read from the user's data root (``--data-root``).
+
+``cifar100`` reads the ``cifar-100-python`` pickles (downloading them with torchvision when
+absent). The pre-trained-model CIL benchmarks of the APER / PILOT survey (ImageNet-R, ImageNet-A,
+CUB-200, ObjectNet, OmniBenchmark, VTAB) and ``imagefolder`` share one reader of the
+``{train,test}/<class>/<image>`` layout; their images stay on disk as paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .base import DataBundle, Dataset, Split, register_dataset
+
+# The extensions torchvision's ImageFolder accepts (case-insensitive), as APER/PILOT read them.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FOLDER_LAYOUT = "train/<class>/<image> and test/<class>/<image>"
+APER_REPO = "https://github.com/zhoudw-zdw/RevisitingCIL"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+WNID = re.compile(r"n\d{8}")
+
+
+def require_root(name: str, root: Path | None, layout: str) -> Path:
+    """``root``, or a DataError saying that ``--data-root`` is required."""
+    if root is None:
+        raise DataError(f"{name} is read from disk: pass `--data-root DIR` (Python: "
+                        f"create_dataset({name!r}, root=DIR)), DIR holding {layout}")
+    return root
+
+
+# ---------------------------------------------------------------------------------- CIFAR-100
+
+def find_cifar100(root: Path) -> Path | None:
+    """The folder holding CIFAR-100's ``train``, ``test`` and ``meta`` pickles, if any."""
+    for folder in (root / "cifar-100-python", root):
+        if all((folder / f).is_file() for f in ("train", "test", "meta")):
+            return folder
+    return None
+
+
+def unpickle(path: Path, keys: tuple[str, ...]) -> dict:
+    """A CIFAR pickle (written by Python 2) as a dict, checking that it has ``keys``."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise DataError(f"cifar100: cannot unpickle {path} ({exc}); extract it again") from exc
+    missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
+    if missing:
+        raise DataError(f"cifar100: {path} lacks {missing}; is it the CIFAR-100 python version?")
+    return entry
+
+
+def read_cifar100_split(path: Path) -> Split:
+    """Images (N, 32, 32, 3) uint8 and fine labels from one CIFAR-100 pickle."""
+    entry = unpickle(path, ("data", "fine_labels"))
+    data = np.asarray(entry["data"], dtype=np.uint8)  # (N, 3072): 1024 R, then G, then B
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(entry["fine_labels"]):
+        raise DataError(f"cifar100: {path} holds data of shape {data.shape}, expected (N, 3072) "
+                        f"with one fine label each")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    return Split(np.ascontiguousarray(images), np.asarray(entry["fine_labels"], np.int64))
+
+
+def download_cifar100(root: Path) -> None:
+    """Download and extract CIFAR-100 into ``root/cifar-100-python`` with torchvision."""
+    from torchvision.datasets import CIFAR100
+
+    CIFAR100(str(root), train=True, download=True)
+
+
+def cifar100_missing(root: Path, reason: str) -> DataError:
+    """The error for CIFAR-100 found neither on disk nor by download."""
+    return DataError(
+        f"cifar100: no train/test/meta pickles in {root / 'cifar-100-python'} or {root}, and "
+        f"downloading failed ({reason}). Expected layout: ROOT/cifar-100-python/{{train,test,"
+        f"meta}}. Get {CIFAR100_URL} and extract it under ROOT (tar xzf cifar-100-python.tar.gz "
+        "-C ROOT), then pass `--data-root ROOT`.")
+
+
+@register_dataset("cifar100")
+class CIFAR100(Dataset):
+    """CIFAR-100, 50k / 10k 32x32 RGB images, 100 fine classes, from the python pickles."""
+
+    name = "cifar100"
+    num_classes = 100
+    description = "CIFAR-100 (cifar-100-python pickles under --data-root), 50k/10k"
+
+    def locate(self) -> tuple[Path, bool]:
+        """The pickle folder, and whether it had to be downloaded first."""
+        root = require_root(self.name, self.root, "cifar-100-python/{train,test,meta}")
+        folder = find_cifar100(root)
+        if folder is not None:
+            return folder, False
+        try:
+            download_cifar100(root)
+        except Exception as exc:  # torchvision missing, no network, bad checksum, ...
+            raise cifar100_missing(root, f"{type(exc).__name__}: {exc}") from exc
+        folder = find_cifar100(root)
+        if folder is None:
+            raise cifar100_missing(root, "torchvision left no cifar-100-python folder")
+        return folder, True
+
+    def load(self) -> DataBundle:
+        folder, downloaded = self.locate()
+        meta = unpickle(folder / "meta", ("fine_label_names",))
+        names = tuple(str(n) for n in meta["fine_label_names"])
+        if len(names) != self.num_classes:
+            raise DataError(f"cifar100: {folder / 'meta'} names {len(names)} fine classes, "
+                            f"expected {self.num_classes}")
+        train, test = read_cifar100_split(folder / "train"), read_cifar100_split(folder / "test")
+        source = {"path": str(folder.absolute()), "format": "cifar-100-python",
+                  "downloaded": downloaded}
+        return DataBundle(self.name, train, test, names, source)
+
+
+# ------------------------------------------------------------------- {train,test}/<class>/<image>
+
+def class_folders(split_dir: Path) -> list[str]:
+    """The sorted names of the (non-hidden) class folders in ``split_dir``."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def image_files(class_dir: Path) -> list[str]:
+    """Absolute paths of the images under ``class_dir``, sorted as torchvision's ImageFolder."""
+    return [os.path.join(d, f) for d, _, names in sorted(os.walk(class_dir, followlinks=True))
+            for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def read_split_folder(split_dir: Path, classes: list[str]) -> Split:
+    """Paths and labels of every image under ``split_dir/<class>/``, label = index in classes."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = image_files(split_dir / name)
+        if not files:
+            raise DataError(f"{split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    return Split(np.array(paths, dtype=object), np.array(labels, dtype=np.int64))
+
+
+def check_classes(folder: Path, train: list[str], test: list[str], expected: int) -> None:
+    """DataError unless train/ and test/ hold the same class folders, ``expected`` of them."""
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise DataError(f"{folder}: train/ and test/ hold different class folders; only in "
+                        f"train/: {only_train[:10]}, only in test/: {only_test[:10]}"
+                        + (" (first 10 shown)" if max(len(only_train), len(only_test)) > 10
+                           else ""))
+    if expected and len(train) != expected:
+        raise DataError(f"{folder / 'train'} holds {len(train)} class folders, expected "
+                        f"{expected}; is DIR the right dataset?")
+    if len(train) < 2:
+        raise DataError(f"{folder / 'train'} holds {len(train)} class folder(s); need at least 2")
+
+
+def read_image_folders(folder: Path, expected_classes: int = 0) -> tuple[Split, Split, list[str]]:
+    """Train and test splits of ``folder/{train,test}/<class>/<image>``, and the class folders.
+
+    Classes are the sorted folder names of train/ (test/ must hold the same ones); labels follow
+    that order. ``expected_classes`` (0: any number, at least 2) is checked.
+    """
+    classes = class_folders(folder / "train")
+    check_classes(folder, classes, class_folders(folder / "test"), expected_classes)
+    return read_split_folder(folder / "train", classes), \
+        read_split_folder(folder / "test", classes), classes
+
+
+def find_split_folders(root: Path, folder_names: tuple[str, ...]) -> tuple[Path | None, list[Path]]:
+    """The first of ``root``, ``root/<name>`` holding train/ and test/, and all those looked at."""
+    looked = [root] + [root / name for name in folder_names]
+    for folder in looked:
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return folder, looked
+    return None, looked
+
+
+def wordnet_names(wnids: list[str]) -> tuple[str, ...]:
+    """Readable names (first WordNet lemma, from timm's shipped synset table) for WordNet ids.
+
+    The ids themselves are kept when they are not all ids or when timm's table is absent.
+    """
+    spec = importlib.util.find_spec("timm")
+    if not all(WNID.fullmatch(w) for w in wnids) or spec is None or spec.origin is None:
+        return tuple(wnids)
+    table = Path(spec.origin).parent / "data" / "_info" / "imagenet_synset_to_lemma.txt"
+    if not table.is_file():
+        return tuple(wnids)
+    with open(table, newline="") as f:
+        lemmas = dict(csv.reader(f, delimiter="\t"))
+    names = [lemmas.get(w, w).split(",")[0].strip() for w in wnids]
+    pairs = zip(names, wnids, strict=True)
+    return tuple(n if names.count(n) == 1 else f"{n} ({w})" for n, w in pairs)
+
+
+class FolderBenchmark(Dataset):
+    """A benchmark stored as ``{train,test}/<class>/<image>``; subclasses set the facts below."""
+
+    folder_names: tuple[str, ...] = ()  # conventional folder names under the data root
+    archive: str = ""  # the APER/RevisitingCIL archive and its md5
+    md5: str = ""
+    wordnet_ids: bool = False  # class folders may be WordNet ids (n01443537)
+
+    def how_to_get(self) -> str:
+        """Where the data comes from and how to check the download."""
+        return (f"These are author-sampled subsets from the APER/RevisitingCIL repository "
+                f"({APER_REPO}, download links in its README); check the archive with "
+                f"`md5sum {self.archive}` = {self.md5}, then extract it under DIR.")
+
+    def not_found(self, looked: list[Path]) -> DataError:
+        """The error for a data root holding none of the expected folders."""
+        dirs = " or ".join(["--data-root itself"] + [f"--data-root/{n}" for n in self.folder_names])
+        return DataError(f"{self.name}: no train/ and test/ folders in any of "
+                         f"{[str(p) for p in looked]}. Expected layout: DIR holding "
+                         f"{FOLDER_LAYOUT} (one folder per class), DIR being {dirs}. "
+                         + self.how_to_get())
+
+    def load(self) -> DataBundle:
+        root = require_root(self.name, self.root, FOLDER_LAYOUT)
+        folder, looked = find_split_folders(root, self.folder_names)
+        if folder is None:
+            raise self.not_found(looked)
+        train, test, classes = read_image_folders(folder.absolute(), self.num_classes)
+        names = wordnet_names(classes) if self.wordnet_ids else tuple(classes)
+        source = {"path": str(folder.absolute()), "layout": "{train,test}/<class>/<image>"}
+        return DataBundle(self.name, train, test, names, source)
+
+
+@register_dataset("imagenet_r")
+class ImageNetR(FolderBenchmark):
+    """ImageNet-R, 200 classes of renditions (APER split: ~24k train / ~6k test)."""
+
+    name, num_classes, folder_names = "imagenet_r", 200, ("imagenet-r",)
+    description = "ImageNet-R, APER/RevisitingCIL split, 200 classes"
+    archive, md5, wordnet_ids = "imagenet-r.zip", "730aa3fb9c7d2ec0b6381c6b23040681", True
+
+
+@register_dataset("imagenet_a")
+class ImageNetA(FolderBenchmark):
+    """ImageNet-A, 200 classes of natural adversarial examples (APER split)."""
+
+    name, num_classes, folder_names = "imagenet_a", 200, ("imagenet-a",)
+    description = "ImageNet-A, APER/RevisitingCIL split, 200 classes"
+    archive, md5, wordnet_ids = "ina.zip", "7f4aaf0b1532b7a0bd670822c152d3c5", True
+
+
+@register_dataset("cub200")
+class CUB200(FolderBenchmark):
+    """CUB-200-2011 birds, 200 classes (APER split)."""
+
+    name, num_classes, folder_names = "cub200", 200, ("cub",)
+    description = "CUB-200-2011, APER/RevisitingCIL split, 200 classes"
+    archive, md5 = "cub.zip", "85e342a2d5f941e740193602057df7a5"
+
+
+@register_dataset("objectnet")
+class ObjectNet(FolderBenchmark):
+    """ObjectNet, the 200-class subset sampled by APER."""
+
+    name, num_classes, folder_names = "objectnet", 200, ("objectnet",)
+    description = "ObjectNet, APER/RevisitingCIL subset, 200 classes"
+    archive, md5 = "objnet.tgz", "63ff7443a47bd682016a8ec59b8cc1bc"
+
+
+@register_dataset("omnibenchmark")
+class OmniBenchmark(FolderBenchmark):
+    """OmniBenchmark, the 300-class subset sampled by APER."""
+
+    name, num_classes, folder_names = "omnibenchmark", 300, ("omnibenchmark",)
+    description = "OmniBenchmark, APER/RevisitingCIL subset, 300 classes"
+    archive, md5 = "omnibenchmark.zip", "f1c30808a707f9197c6c811ea52e5cbb"
+
+
+@register_dataset("vtab")
+class VTAB(FolderBenchmark):
+    """VTAB, the 50-class, 5-domain subset sampled by APER."""
+
+    name, num_classes, folder_names = "vtab", 50, ("vtab-cil/vtab", "vtab")
+    description = "VTAB, APER/RevisitingCIL subset, 50 classes"
+    archive, md5 = "vtab.zip", "a9c37bde6105a2516c900b0c33a437c1"
+
+
+@register_dataset("imagefolder")
+class ImageFolder(FolderBenchmark):
+    """Custom data in ``ROOT/{train,test}/<class>/<image>``, any number (>= 2) of classes."""
+
+    name, num_classes = "imagefolder", 0
+    description = "custom images in ROOT/{train,test}/<class>/<image>, any number of classes"
+
+    def how_to_get(self) -> str:
+        return "Put your own images there, one folder per class, the same classes in both."

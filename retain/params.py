@@ -1,0 +1,122 @@
+"""Typed hyper-parameters, validated in one place (the scikit-learn pattern).
+
+A method's hyper-parameters are the keyword-only arguments of its ``__init__`` (after the
+backbone), with annotations and defaults; range constraints are declared once per class in
+``constraints``. ``validate`` turns user input (YAML values, or strings from ``--set``) into
+typed values and rejects unknown keys, wrong types and out-of-range values with an error that
+names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Interval:
+    """low <(=) value <(=) high; None means unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"  # "both", "left", "right", "neither"
+
+    def __contains__(self, v: float) -> bool:
+        lo_ok = self.low is None or (v >= self.low if self.closed in ("both", "left") else
+                                     v > self.low)
+        hi_ok = self.high is None or (v <= self.high if self.closed in ("both", "right") else
+                                      v < self.high)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        left = "[" if self.closed in ("both", "left") else "("
+        right = "]" if self.closed in ("both", "right") else ")"
+        lo = "-inf" if self.low is None else self.low
+        hi = "inf" if self.high is None else self.high
+        return f"{left}{lo}, {hi}{right}"
+
+
+def specs(cls: type) -> dict[str, tuple[Any, Any]]:
+    """name -> (annotation, default) of the keyword-only parameters of ``cls.__init__``."""
+    hints = typing.get_type_hints(cls.__init__)
+    sig = inspect.signature(cls.__init__)
+    return {n: (hints.get(n, Any), p.default) for n, p in sig.parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def validate(cls: type, given: dict[str, Any], *, what: str = "") -> dict[str, Any]:
+    """Typed values for ``given``; unknown keys, wrong types and bad ranges are ConfigErrors."""
+    what = what or getattr(cls, "name", cls.__name__)
+    table = specs(cls)
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for {what}; valid: "
+                          f"{', '.join(sorted(table)) or '(none)'}")
+    out = {}
+    for name, value in given.items():
+        out[name] = coerce(value, table[name][0], f"{what}.{name}")
+    check_constraints(cls, {n: d for n, (_, d) in table.items()} | out, what)
+    return out
+
+
+def check_constraints(cls: type, values: dict[str, Any], what: str) -> None:
+    for name, interval in getattr(cls, "constraints", {}).items():
+        v = values.get(name)
+        if v is not None and v not in interval:
+            raise ConfigError(f"{what}.{name} = {v!r} is out of range; it must lie in {interval}")
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as ``annotation``; strings are read as YAML scalars first ('1e-3', 'true')."""
+    if isinstance(value, str) and annotation is not str:
+        value = yaml.safe_load(value) if value.strip() else value
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key} = {value!r} is not a valid {_name(annotation)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r} is not one of {list(args)}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} = {value!r} must be a list of {_name(args[0])}")
+        return origin(coerce(v, args[0], key) for v in value)
+    return _scalar(value, annotation, key)
+
+
+def _scalar(value: Any, annotation: type, key: str) -> Any:
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation in (bool, str) and isinstance(value, annotation):
+        return value
+    if annotation not in (int, float, bool, str) and isinstance(value, annotation):
+        return value
+    raise ConfigError(f"{key} = {value!r} has type {type(value).__name__}; expected "
+                      f"{_name(annotation)}")
+
+
+def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))

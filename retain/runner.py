@@ -1,0 +1,180 @@
+"""``run``: learn a stream task by task, evaluate after each, write everything atomically.
+
+After each task the method's state (safetensors + JSON) and then ``results.json`` are written by
+rename, so a run killed at any moment restarts after its last finished task. Each task re-seeds
+torch, numpy and Python's ``random`` from (seed, task id), so a resumed run ends with the
+same accuracy matrix as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics, report
+from .backbones import create_backbone
+from .config import RunConfig, comparable
+from .context import Context, resolve_device
+from .datasets import create_dataset
+from .errors import ConfigError
+from .evaluation import evaluate
+from .features import FeatureCache, default_cache_dir
+from .io import read_json, read_tensors, write_json, write_tensors
+from .methods import METHODS, Method, create_method
+from .params import validate
+from .scenarios import ClassIncremental
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built from a config (no training yet)."""
+
+    config: RunConfig
+    scenario: ClassIncremental
+    method: Method
+    ctx: Context
+
+
+def build(config: RunConfig) -> Run:
+    """Load the data, the backbone and the method named in ``config``."""
+    validate(METHODS.get(config.method), config.params, what=config.method)
+    bundle = create_dataset(config.dataset, config.data_root).load()
+    scenario = ClassIncremental.from_notation(bundle, config.scenario, seed=config.seed)
+    backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    method = create_method(config.method, backbone, **config.params)
+    cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
+    device = resolve_device(config.device)
+    batch_size = config.batch_size or (16 if device.type == "cpu" else 128)  # CPU: memory-bound
+    ctx = Context(device=device, batch_size=batch_size,
+                  autocast=config.autocast == "bf16", seed=config.seed,
+                  cache=FeatureCache(cache_root))
+    return Run(config, scenario, method, ctx)
+
+
+def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:
+    """Learn the stream of ``config`` (resuming in its run folder); returns the results dict."""
+    run_dir = config.run_dir
+    if fresh:
+        clear(run_dir)
+    previous = load_previous(run_dir, config)
+    r = build(config)
+    r.ctx.progress = progress
+    results = previous or new_results(r)
+    start = len(results["stages"])
+    if start:
+        restore(r.method, run_dir, start - 1)
+        echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
+    for task in r.scenario[start:]:
+        stage = learn_and_evaluate(r, task)
+        save_stage(r, results, stage, run_dir)
+        s = metrics.summary(*report.counts(results))
+        echo(report.stage_line(stage, len(r.scenario), s))
+    report.plot(results, run_dir)
+    echo("\n" + report.table(results))
+    echo(f"\nresults in {run_dir}/results.json; figures accuracy_curve.png, accuracy_matrix.png")
+    return results
+
+
+def learn_and_evaluate(r: Run, task) -> dict:
+    """Learn one task, evaluate on every seen task, and measure time and memory."""
+    seed_everything(r.config.seed, task.id)
+    if r.ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(r.ctx.device)
+    embedded = r.ctx.cache.images_embedded
+    t0 = time.perf_counter()
+    r.method.learn(task, r.ctx)
+    t1 = time.perf_counter()
+    correct, total = evaluate(r.method, r.scenario[: task.id + 1], r.ctx, task.id)
+    t2 = time.perf_counter()
+    return {"task": task.id, "num_classes": task.num_seen, "new_classes": list(task.new_classes),
+            "correct": correct.tolist(), "total": total.tolist(),
+            "seconds_learn": t1 - t0, "seconds_eval": t2 - t1,
+            "images_embedded": r.ctx.cache.images_embedded - embedded,
+            "parameters": r.method.parameter_counts(), **peak_memory(r.ctx.device)}
+
+
+def seed_everything(seed: int, task_id: int) -> None:
+    s = hash((seed, task_id)) % 2**32
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory of the stage on CUDA; on the CPU the process's peak RSS so far."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+    out = {"peak_rss_mb_process": round(rss, 1)}
+    if device.type == "cuda":
+        out["peak_gpu_mb_stage"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def new_results(r: Run) -> dict:
+    return {"format": 1, "config": r.config.to_dict(), "method": r.method.name,
+            "hparams": r.method.hparams(), "tags": sorted(r.method.tags),
+            "uses_batch_information": False,
+            "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
+            | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
+            "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),
+            "task_sizes": r.scenario.sizes, "environment": environment(r.ctx.device),
+            "stages": []}
+
+
+def environment(device: torch.device) -> dict:
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "platform": platform.platform(), "device": str(device)}
+
+
+def save_stage(r: Run, results: dict, stage: dict, run_dir: Path) -> None:
+    """Checkpoint first, then results: results.json never names a stage without its state."""
+    t = stage["task"]
+    ckpt = run_dir / "checkpoints" / f"task-{t:03d}.safetensors"
+    write_tensors(ckpt, r.method.state_dict(), metadata={"method": r.method.name, "task": str(t)})
+    write_json(ckpt.with_suffix(".json"), {"method": r.method.name, "task": t,
+                                           "hparams": r.method.hparams(),
+                                           "backbone": r.method.backbone.describe()})
+    results["stages"].append(stage)
+    results["summary"] = metrics.summary(*report.counts(results))
+    results["accuracy_matrix"] = metrics.accuracy_matrix(*report.counts(results)).tolist()
+    write_json(run_dir / "config.json", r.config.to_dict())
+    write_json(run_dir / "results.json", results)
+    if r.config.keep_checkpoints == "last":
+        for old in (run_dir / "checkpoints").glob("task-*"):
+            if not old.name.startswith(f"task-{t:03d}."):
+                old.unlink(missing_ok=True)
+
+
+def load_previous(run_dir: Path, config: RunConfig) -> dict | None:
+    """The results of an earlier run of the same config in ``run_dir``, or None."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    results = read_json(path)
+    if comparable(results["config"]) != comparable(config.to_dict()):
+        diff = sorted(k for k, v in comparable(config.to_dict()).items()
+                      if results["config"].get(k) != v)
+        raise ConfigError(f"{run_dir} holds a run with another configuration (differs in "
+                          f"{diff}); pass another --out, or --fresh to discard that run")
+    return results
+
+
+def restore(method: Method, run_dir: Path, task: int) -> None:
+    ckpt = run_dir / "checkpoints" / f"task-{task:03d}.safetensors"
+    if not ckpt.is_file():
+        raise ConfigError(f"{ckpt} is missing, so {run_dir} cannot resume; pass --fresh")
+    method.load_state_dict(read_tensors(ckpt))
+
+
+def clear(run_dir: Path) -> None:
+    for name in ("results.json", "config.json", "accuracy_curve.png", "accuracy_matrix.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

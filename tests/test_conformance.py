@@ -1,0 +1,124 @@
+"""The conformance suite: every registered method, on a tiny stream, in seconds.
+
+Capability tags decide which checks apply; per-method settings that keep the suite fast live in
+the one table ``FAST``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retain import metrics
+from retain.context import Context
+from retain.errors import ConfigError
+from retain.evaluation import evaluate
+from retain.features import FeatureCache
+from retain.methods import FROZEN_BACKBONE, METHODS, create_method, method_params
+
+# hyper-parameters that keep each method fast on the tiny stream (empty: defaults)
+FAST: dict[str, dict] = {
+    "finetune": {"epochs": 8, "lr": 0.05, "batch_size": 4},
+    "joint": {"epochs": 8, "lr": 0.05, "batch_size": 4},
+}
+ALL = METHODS.names()
+
+
+def make(name, backbone):
+    return create_method(name, backbone, **FAST.get(name, {}))
+
+
+def fresh_ctx() -> Context:
+    return Context(batch_size=16, seed=1993, cache=FeatureCache())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_constructor_only_stores(name, tiny_vit):
+    before = {k: v.clone() for k, v in tiny_vit.model.state_dict().items()}
+    m = make(name, tiny_vit)
+    defaults = {k: d for k, (_, d) in method_params(name).items()}
+    assert m.hparams() == defaults | FAST.get(name, {})
+    assert m.tasks_learned_ == 0 and m.num_classes_ == 0
+    assert all(torch.equal(v, tiny_vit.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_and_ill_typed_hparams_are_errors(name, tiny_vit):
+    with pytest.raises(ConfigError, match="not_a_param"):
+        create_method(name, tiny_vit, not_a_param=1)
+    for key, (typ, _) in method_params(name).items():
+        if typ in (int, float):
+            with pytest.raises(ConfigError, match=key):
+                create_method(name, tiny_vit, **{key: "not a number"})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_learns_predicts_and_beats_chance(name, tiny_vit, scenario):
+    m, ctx = make(name, tiny_vit), fresh_ctx()
+    correct, total = np.zeros((3, 3)), np.zeros((3, 3))
+    for task in scenario:
+        m.learn(task, ctx)
+        logits = m.predict(task.test, ctx)
+        assert logits.shape == (len(task.test), task.num_seen)
+        assert torch.isfinite(logits).all()
+        c, t = evaluate(m, scenario[: task.id + 1], ctx, task.id)
+        correct[task.id, : task.id + 1], total[task.id, : task.id + 1] = c, t
+    r = metrics.accuracy_matrix(correct, total)
+    assert r[0, 0] > 0.75, f"{name} does not learn the first task: {r[0, 0]:.2f}"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tasks_must_come_in_order(name, tiny_vit, scenario):
+    m = make(name, tiny_vit)
+    with pytest.raises(ValueError, match="cannot learn task 1"):
+        m.learn(scenario[1], fresh_ctx())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prediction_of_a_sample_does_not_depend_on_its_batch(name, tiny_vit, scenario):
+    m, ctx = make(name, tiny_vit), fresh_ctx()
+    for task in scenario[:2]:
+        m.learn(task, ctx)
+    test = scenario[1].test
+    full = m.predict(test, ctx)
+    rev = np.arange(len(test))[::-1].copy()
+    part = m.predict(test.subset(rev[:5]), ctx)
+    torch.testing.assert_close(part, full[rev[:5]], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_round_trip_and_exact_resume(name, tiny_vit, scenario):
+    a, ctx_a = make(name, tiny_vit), fresh_ctx()
+    for task in scenario[:2]:
+        a.learn(task, ctx_a)
+    b, ctx_b = make(name, tiny_vit), fresh_ctx()
+    b.load_state_dict(a.state_dict())
+    test = scenario[1].test
+    torch.testing.assert_close(b.predict(test, ctx_b), a.predict(test, ctx_a))
+    assert (b.tasks_learned_, b.num_classes_) == (a.tasks_learned_, a.num_classes_)
+    a.learn(scenario[2], ctx_a)
+    b.learn(scenario[2], ctx_b)
+    torch.testing.assert_close(b.predict(scenario[2].test, ctx_b),
+                               a.predict(scenario[2].test, ctx_a))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if FROZEN_BACKBONE in METHODS.get(n).tags])
+def test_frozen_backbone_embeds_each_image_once(name, tiny_vit, scenario):
+    m, ctx = make(name, tiny_vit), fresh_ctx()
+    before = {k: v.clone() for k, v in tiny_vit.model.state_dict().items()}
+    for task in scenario:
+        m.learn(task, ctx)
+        evaluate(m, scenario[: task.id + 1], ctx, task.id)
+    n_images = sum(len(t.train) + len(t.test) for t in scenario)
+    assert ctx.cache.images_embedded == n_images  # the floor: one pass per image
+    assert all(torch.equal(v, tiny_vit.model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parameter_counts(name, tiny_vit, scenario):
+    m = make(name, tiny_vit)
+    m.learn(scenario[0], fresh_ctx())
+    counts = m.parameter_counts()
+    assert 0 <= counts["trainable"] <= counts["total"]
+    assert counts["total"] >= sum(p.numel() for p in tiny_vit.model.parameters())
