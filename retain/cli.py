@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="learn a stream and report its accuracy (default: offline demo)")
     for flag, (_, typ, text) in RUN_FLAGS.items():
         r.add_argument(flag, type=typ, help=text)
+    r.add_argument("--preset", help="a shipped configuration (retain list presets)")
     r.add_argument("--config", help="YAML file of config keys")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, or a method hyper-parameter as params.NAME=VALUE")
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true", help="discard an earlier run in the folder")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     ls = sub.add_parser("list", help="list methods, datasets or backbones")
-    ls.add_argument("what", choices=["methods", "datasets", "backbones"])
+    ls.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
     sh = sub.add_parser("show", help="print the tables of a run folder again")
     sh.add_argument("run_dir")
     return p
@@ -75,7 +76,7 @@ def run_command(args: argparse.Namespace) -> None:
              for flag, (key, _, _) in RUN_FLAGS.items()}
     if args.no_cache:
         flags["cache"] = False
-    config = make_config(args.config, flags, args.set)
+    config = make_config(args.config, flags, args.set, preset=args.preset)
     run(config, fresh=args.fresh, progress=not args.quiet)
 
 
@@ -96,6 +97,11 @@ def listing(what: str) -> str:
     if what == "methods":
         return "\n".join(f"{n:<14} {c.paper}  [{', '.join(sorted(c.tags)) or '-'}]"
                          for n, c in ((n, retain.METHODS.get(n)) for n in retain.METHODS))
+    if what == "presets":
+        from .config import list_presets, preset_path, read_yaml
+
+        return "\n".join(f"{n:<40} {read_yaml(preset_path(n)).get('description', '')}"
+                         for n in list_presets())
     if what == "datasets":
         return "\n".join(f"{n:<16} {c.num_classes or '?':>4} classes  {c.description}"
                          for n, c in ((n, retain.DATASETS.get(n)) for n in retain.DATASETS))

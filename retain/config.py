@@ -1,6 +1,8 @@
 """The run configuration: typed, validated in one place, written next to every result.
 
-Precedence: defaults < ``--config file.yaml`` < explicit command-line flags < ``--set key=value``.
+Precedence: defaults < ``--preset NAME`` < ``--config file.yaml`` < explicit command-line flags
+< ``--set key=value``. Presets are YAML files shipped in ``retain/presets/`` that reproduce a
+published configuration (method, hyper-parameters, dataset, scenario, backbone).
 Method hyper-parameters live under ``params`` (``--set params.lr=0.01``) and are validated
 against the method's signature when the run starts.
 """
@@ -35,6 +37,7 @@ class RunConfig:
     cache_dir: str | None = None  # feature cache folder; None: ~/.cache/retain/features
     cache: bool = True  # keep frozen features on disk across runs
     keep_checkpoints: Literal["last", "all"] = "last"  # per-task checkpoints to keep
+    description: str = ""  # free text; presets say what they reproduce
 
     constraints = {"seed": P.Interval(0, 2**32 - 1), "batch_size": P.Interval(1, None),
                    "image_size": P.Interval(8, 4096)}
@@ -48,19 +51,44 @@ class RunConfig:
 
 
 # keys whose change does not change the results (a resumed run may differ in them)
-VOLATILE = {"out", "device", "batch_size", "cache_dir", "cache", "keep_checkpoints"}
+VOLATILE = {"out", "device", "batch_size", "cache_dir", "cache", "keep_checkpoints",
+            "description"}
+
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return path
 
 
 def make_config(file: str | Path | None = None, flags: dict[str, Any] | None = None,
-                sets: list[str] | None = None) -> RunConfig:
-    """A validated RunConfig from a YAML file, explicit flags and ``key=value`` overrides."""
+                sets: list[str] | None = None, preset: str | None = None) -> RunConfig:
+    """A validated RunConfig from a preset, a YAML file, explicit flags and ``key=value``."""
     values: dict[str, Any] = {}
+    if preset is not None:
+        values |= read_yaml(preset_path(preset))
     if file is not None:
-        values |= read_yaml(file)
-    values |= {k: v for k, v in (flags or {}).items() if v is not None}
+        values = merge(values, read_yaml(file))
+    values = merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
     for item in sets or []:
         apply_set(values, item)
     return RunConfig(**P.validate(RunConfig, values, what="config"))
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; method ``params`` are merged key by key."""
+    out = base | top
+    if isinstance(base.get("params"), dict) and isinstance(top.get("params"), dict):
+        out["params"] = base["params"] | top["params"]
+    return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -65,3 +65,40 @@ class Preprocess:
         im = im.crop((left, top, left + self.size, top + self.size))
         a = np.asarray(im, dtype=np.float32) / 255.0  # (S,S,3)
         return torch.from_numpy(a).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation on a preprocessed batch: RandomResizedCrop + horizontal flip, as
+    LAMDA-PILOT's ``build_transform`` (scale (0.05, 1), ratio (3/4, 4/3)), seeded by the caller."""
+
+    scale: tuple[float, float] = (0.05, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = torch.empty_like(x)  # (B, 3, S, S)
+        for i in range(len(x)):
+            top, left, h, w = self._box(x.shape[-2], x.shape[-1], generator)
+            crop = x[i : i + 1, :, top : top + h, left : left + w]
+            out[i] = F.interpolate(crop, size=x.shape[-2:], mode="bilinear", align_corners=False,
+                                   antialias=True)[0]
+            if self.flip and torch.rand(1, generator=generator) < 0.5:
+                out[i] = out[i].flip(-1)
+        return out
+
+    def _box(self, height: int, width: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        """torchvision's RandomResizedCrop.get_params, with an explicit generator."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(*self.scale, generator=g))
+            aspect = float(torch.exp(torch.empty(1).uniform_(*log_ratio.tolist(), generator=g)))
+            w = int(round((target * aspect) ** 0.5))
+            h = int(round((target / aspect) ** 0.5))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+                return top, left, h, w
+        side = min(height, width)  # fall back to a central square crop
+        return (height - side) // 2, (width - side) // 2, side, side

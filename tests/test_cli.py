@@ -66,3 +66,23 @@ def test_readme_default_command_end_to_end(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "retain.cli", "show", str(out)],
                            capture_output=True, text=True, check=True).stdout
     assert "last accuracy (A_B)" in shown
+
+
+def test_every_shipped_preset_is_a_valid_config():
+    from retain.config import list_presets, make_config
+    from retain.methods import METHODS
+    from retain.params import validate
+
+    names = list_presets()
+    assert names, "no presets shipped"
+    for name in names:
+        cfg = make_config(preset=name)
+        validate(METHODS.get(cfg.method), cfg.params, what=name)
+        assert cfg.description
+
+
+def test_preset_then_set_overrides(tmp_path):
+    from retain.config import make_config
+
+    cfg = make_config(preset="simplecil_cifar100_b0inc10", sets=["scenario=B50Inc10"])
+    assert (cfg.dataset, cfg.scenario) == ("cifar100", "B50Inc10")

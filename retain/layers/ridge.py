@@ -1,0 +1,85 @@
+"""Closed-form ridge heads accumulated across tasks (RanPAC, LayUP).
+
+``RidgeStatistics`` keeps G = Σ HᵀH and Q = Σ HᵀY over every task seen, so the head
+W = (G + λI)⁻¹ Q equals a joint ridge regression on all data, whatever the task order
+(McDonnell et al., RanPAC, NeurIPS 2023, Alg. 1).
+
+``lambda_path_errors`` scores every candidate λ on a held-out part at the cost of one
+factorisation of the training part instead of one dense solve per λ: with the thin SVD
+H = U S Vᵀ (when n < M) W(λ) = V diag(s / (s² + λ)) Uᵀ Y, and with the eigendecomposition
+HᵀH = V diag(e) Vᵀ (when n ≥ M) W(λ) = V diag(1 / (e + λ)) Vᵀ HᵀY. Both are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RANPAC_LAMBDAS = tuple(10.0**k for k in range(-8, 9))  # the official 17 candidates
+
+
+class RidgeStatistics:
+    """Running G (M, M) and Q (M, C) in float64; C grows with the classes."""
+
+    def __init__(self, dim: int):
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)  # (M, M)
+        self.cross = torch.zeros(dim, 0, dtype=torch.float64)  # (M, C)
+
+    def update(self, h: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
+        """Add features ``h`` (N, M) with integer labels ``y`` (N,) over ``num_classes``."""
+        h = h.double()
+        onehot = torch.nn.functional.one_hot(y, num_classes).double()  # (N, C)
+        if num_classes > self.cross.shape[1]:
+            pad = torch.zeros(self.cross.shape[0], num_classes - self.cross.shape[1],
+                              dtype=torch.float64)
+            self.cross = torch.cat([self.cross, pad], 1)
+        self.gram += h.T @ h
+        self.cross += h.T @ onehot
+
+    def solve(self, lam: float) -> torch.Tensor:
+        """W = (G + λI)⁻¹ Q (M, C), by Cholesky."""
+        a = self.gram + lam * torch.eye(len(self.gram), dtype=torch.float64)
+        chol = torch.linalg.cholesky(a)
+        return torch.cholesky_solve(self.cross, chol)
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}gram": self.gram, f"{prefix}cross": self.cross}
+
+    def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.gram, self.cross = state[f"{prefix}gram"].double(), state[f"{prefix}cross"].double()
+
+
+def ridge_path(h: torch.Tensor, y: torch.Tensor, lambdas: tuple[float, ...]
+               ) -> torch.Tensor:
+    """(L, M, C) ridge solutions of ``h`` (N, M) onto one-hot or real targets ``y`` (N, C)
+    for every λ, from a single factorisation."""
+    h, y = h.double(), y.double()
+    lam = torch.tensor(lambdas, dtype=torch.float64).view(-1, 1)  # (L, 1)
+    if h.shape[0] < h.shape[1]:
+        u, s, vh = torch.linalg.svd(h, full_matrices=False)  # (N, r), (r,), (r, M)
+        uty = u.T @ y  # (r, C)
+        scale = s / (s**2 + lam)  # (L, r)
+        return torch.einsum("rm,lr,rc->lmc", vh, scale, uty)
+    e, v = torch.linalg.eigh(h.T @ h)  # (M,), (M, M)
+    vtq = v.T @ (h.T @ y)  # (M, C)
+    return torch.einsum("mk,lk,kc->lmc", v, 1.0 / (e.clamp_min(0) + lam), vtq)
+
+
+def lambda_path_errors(h_train: torch.Tensor, y_train: torch.Tensor, h_val: torch.Tensor,
+                       y_val: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
+    """(L,) mean squared error on the held-out part of the ridge head fitted for each λ."""
+    w = ridge_path(h_train, y_train, lambdas)  # (L, M, C)
+    pred = torch.einsum("nm,lmc->lnc", h_val.double(), w)  # (L, N_val, C)
+    return ((pred - y_val.double()) ** 2).mean(dim=(1, 2))
+
+
+def select_lambda(h: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator,
+                  lambdas: tuple[float, ...] = RANPAC_LAMBDAS, train_fraction: float = 0.8
+                  ) -> tuple[float, torch.Tensor]:
+    """RanPAC's λ choice: shuffle the current task's data, fit on the first 80 %, keep the λ with
+    the lowest MSE on the last 20 %. Returns (λ, errors per candidate)."""
+    perm = torch.randperm(len(h), generator=generator)
+    cut = int(train_fraction * len(h))
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()  # (N, C)
+    tr, va = perm[:cut], perm[cut:]
+    errors = lambda_path_errors(h[tr], onehot[tr], h[va], onehot[va], lambdas)
+    return lambdas[int(errors.argmin())], errors
