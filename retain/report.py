@@ -84,7 +84,8 @@ def plot(results: dict, run_dir: Path) -> list[Path]:
     ax.imshow(100 * r, vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(r):
         if not np.isnan(v):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="w")
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7,
+                    color="black" if v > 0.6 else "white")
     ax.set(xlabel="task evaluated", ylabel="after learning task", title=title)
     ax.set_xticks(range(len(r)), [str(j + 1) for j in range(len(r))])
     ax.set_yticks(range(len(r)), [str(j + 1) for j in range(len(r))])

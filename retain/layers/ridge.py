@@ -48,27 +48,40 @@ class RidgeStatistics:
         self.gram, self.cross = state[f"{prefix}gram"].double(), state[f"{prefix}cross"].double()
 
 
-def ridge_path(h: torch.Tensor, y: torch.Tensor, lambdas: tuple[float, ...]
-               ) -> torch.Tensor:
-    """(L, M, C) ridge solutions of ``h`` (N, M) onto one-hot or real targets ``y`` (N, C)
-    for every λ, from a single factorisation."""
-    h, y = h.double(), y.double()
-    lam = torch.tensor(lambdas, dtype=torch.float64).view(-1, 1)  # (L, 1)
+def _factorise(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(basis (M, r), projected targets (r, C), is_svd) of the training part."""
     if h.shape[0] < h.shape[1]:
         u, s, vh = torch.linalg.svd(h, full_matrices=False)  # (N, r), (r,), (r, M)
-        uty = u.T @ y  # (r, C)
-        scale = s / (s**2 + lam)  # (L, r)
-        return torch.einsum("rm,lr,rc->lmc", vh, scale, uty)
+        return vh.T, s, u.T @ y  # W(λ) = V diag(s / (s² + λ)) Uᵀ Y
     e, v = torch.linalg.eigh(h.T @ h)  # (M,), (M, M)
-    vtq = v.T @ (h.T @ y)  # (M, C)
-    return torch.einsum("mk,lk,kc->lmc", v, 1.0 / (e.clamp_min(0) + lam), vtq)
+    return v, e.clamp_min(0), v.T @ (h.T @ y)  # W(λ) = V diag(1 / (e + λ)) Vᵀ HᵀY
+
+
+def _scales(spectrum: torch.Tensor, svd: bool, lambdas: tuple[float, ...]) -> torch.Tensor:
+    lam = torch.tensor(lambdas, dtype=torch.float64).view(-1, 1)  # (L, 1)
+    return spectrum / (spectrum**2 + lam) if svd else 1.0 / (spectrum + lam)  # (L, r)
+
+
+def ridge_path(h: torch.Tensor, y: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
+    """(L, M, C) ridge solutions of ``h`` (N, M) onto targets ``y`` (N, C) for every λ, from a
+    single factorisation."""
+    h, y = h.double(), y.double()
+    svd = h.shape[0] < h.shape[1]
+    basis, spectrum, proj = _factorise(h, y)
+    scale = _scales(spectrum, svd, lambdas)  # (L, r)
+    return basis.unsqueeze(0) @ (scale.unsqueeze(-1) * proj.unsqueeze(0))  # (L, M, C)
 
 
 def lambda_path_errors(h_train: torch.Tensor, y_train: torch.Tensor, h_val: torch.Tensor,
                        y_val: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
-    """(L,) mean squared error on the held-out part of the ridge head fitted for each λ."""
-    w = ridge_path(h_train, y_train, lambdas)  # (L, M, C)
-    pred = torch.einsum("nm,lmc->lnc", h_val.double(), w)  # (L, N_val, C)
+    """(L,) mean squared error on the held-out part of the ridge head fitted for each λ; the
+    heads themselves are never formed (validation features are projected on the basis once)."""
+    h_train, y_train = h_train.double(), y_train.double()
+    svd = h_train.shape[0] < h_train.shape[1]
+    basis, spectrum, proj = _factorise(h_train, y_train)
+    val = h_val.double() @ basis  # (N_val, r)
+    scale = _scales(spectrum, svd, lambdas)  # (L, r)
+    pred = val.unsqueeze(0) @ (scale.unsqueeze(-1) * proj.unsqueeze(0))  # (L, N_val, C)
     return ((pred - y_val.double()) ** 2).mean(dim=(1, 2))
 
 
