@@ -4,7 +4,8 @@ The floor of any frozen-backbone method is exactly one backbone pass per trainin
 per test image over the whole run. This script counts the images that actually go through the
 backbone (a forward hook on the model, independent of the cache's own counter) while SimpleCIL
 learns two offline streams (MNIST-5k B0Inc2 = the default run, 5 tasks; MNIST-5k B0Inc1, 10
-tasks), and compares the run's wall time with the time of one plain pass over the same images.
+tasks), and compares the run's wall time with the time of one plain pass over the same images (the
+faster of two passes, measured after the runs).
 
     python benchmarks/simplecil_floor.py [--image-size 224] [--device auto]
 
@@ -47,6 +48,14 @@ def run_stream(bundle, notation: str, backbone, ctx: Context) -> dict:
             "avg_incremental_accuracy": float(np.mean(accs))}
 
 
+def one_pass(backbone, bundle, device, batch_size: int) -> float:
+    """Seconds of one plain frozen pass over every train and test image (no cache)."""
+    t0 = time.perf_counter()
+    for split in (bundle.train, bundle.test):
+        embed(backbone, split, split.index, device=device, batch_size=batch_size)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--image-size", type=int, default=None)
@@ -59,18 +68,16 @@ def main() -> None:
     rows = []
     backbone = create_backbone("efficientnet_lite0", image_size=args.image_size)
     passes = count_passes(backbone.model)
-    t0 = time.perf_counter()
-    for split in (bundle.train, bundle.test):
-        embed(backbone, split, split.index, device=device, batch_size=args.batch_size)
-    single_pass = time.perf_counter() - t0
     for notation in ("B0Inc2", "B0Inc1"):
         passes[0] = 0
         ctx = Context(device=device, batch_size=args.batch_size, cache=FeatureCache())
         row = run_stream(bundle, notation, backbone, ctx)
         row["backbone_passes_per_image"] = passes[0] / n_images
+        rows.append(row)
+    single_pass = min(one_pass(backbone, bundle, device, args.batch_size) for _ in range(2))
+    for row in rows:
         row["seconds_one_pass"] = single_pass
         row["time_vs_one_pass"] = row["seconds"] / single_pass
-        rows.append(row)
     out = {"images": n_images, "backbone": backbone.identity["name"],
            "image_size": backbone.preprocess.size, "device": str(device),
            "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "rows": rows}

@@ -25,7 +25,7 @@ class RunConfig:
     params: dict[str, Any] = field(default_factory=dict)  # the method's hyper-parameters
     dataset: str = "mnist5k"  # a name from `retain list datasets`
     data_root: str | None = None  # folder holding the dataset (real benchmarks)
-    scenario: str = "B0Inc2"  # B{m}Inc{n}: m classes first (0: n), then n per task
+    scenario: str = "B0Inc2"  # B{m}Inc{n}, TIL-B{m}Inc{n}, Superclass-CIL/-TIL, Permuted{n}, ...
     backbone: str = "efficientnet_lite0"  # a name from `retain list backbones`
     weights: str | None = None  # local weights file instead of the backbone's default source
     image_size: int | None = None  # input resolution; None: the backbone's own

@@ -1,8 +1,12 @@
 """Evaluation as a function: after a stage, count correct predictions on every seen task.
 
-The test samples of all seen tasks are concatenated and presented in a shuffled order (seeded by
+The test samples of the seen tasks are concatenated and presented in a shuffled order (seeded by
 the run seed and the stage), so no method can profit from class-ordered batches (pitfall §1.2);
-predictions are mapped back before counting.
+predictions are mapped back before counting. In a task-incremental stream the prediction of a
+sample is restricted to its task's classes (task-IL accuracy, as Mammoth's ``mask_classes``), and
+methods that need the task id receive it; in class- and domain-incremental streams no method
+sees a task id at test time. Tasks whose test images differ in content (domain streams) are
+predicted group by group, so cached features of each task's images are reused.
 """
 
 from __future__ import annotations
@@ -19,12 +23,36 @@ from .scenarios.base import Task
 def evaluate(method: Method, tasks: list[Task], ctx: Context, stage: int
              ) -> tuple[np.ndarray, np.ndarray]:
     """(correct, total) per task in ``tasks`` (the tasks seen so far) after stage ``stage``."""
+    correct = np.zeros(len(tasks), dtype=np.int64)
+    groups: dict[str, list[int]] = {}
+    for j, t in enumerate(tasks):
+        groups.setdefault(t.test.key, []).append(j)
+    for g, members in enumerate(groups.values()):
+        hits = _hits(method, [tasks[j] for j in members], ctx, [stage, g])
+        for j, h in zip(members, hits, strict=True):
+            correct[j] = h
+    return correct, np.array([len(t.test) for t in tasks])
+
+
+def _hits(method: Method, tasks: list[Task], ctx: Context, salt: list[int]) -> list[int]:
+    """Correct predictions per task, for tasks whose test sets are subsets of one split."""
     test = Split.concat([t.test for t in tasks])
-    order = np.random.RandomState([ctx.seed % 2**32, stage]).permutation(len(test))
-    logits = method.predict(test.subset(order), ctx)  # (N, C) in shuffled order
+    task_of = np.repeat(np.arange(len(tasks)), [len(t.test) for t in tasks])  # (N,)
+    order = np.random.RandomState([ctx.seed % 2**32, *salt]).permutation(len(test))
+    aware = tasks[0].kind == "task"
+    ids = np.array([tasks[i].id for i in task_of[order]]) if aware else None
+    logits = method.predict(test.subset(order), ctx, ids)  # (N, C) in shuffled order
+    if aware:
+        logits = restrict(logits, [tasks[i].classes for i in task_of[order]])
     pred = torch.empty(len(test), dtype=torch.long)
     pred[torch.from_numpy(order)] = logits.argmax(1)
-    hit = (pred.numpy() == test.targets)
-    bounds = np.cumsum([0] + [len(t.test) for t in tasks])
-    correct = np.array([hit[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-    return correct, np.diff(bounds)
+    hit = pred.numpy() == test.targets
+    return [int(hit[task_of == i].sum()) for i in range(len(tasks))]
+
+
+def restrict(logits: torch.Tensor, classes: list[tuple[int, ...]]) -> torch.Tensor:
+    """Logits with every class outside the sample's own task set to -inf."""
+    mask = torch.ones_like(logits, dtype=torch.bool)  # (N, C)
+    for i, cs in enumerate(classes):
+        mask[i, list(cs)] = False
+    return logits.masked_fill(mask, float("-inf"))

@@ -31,7 +31,7 @@ from .features import FeatureCache, default_cache_dir
 from .io import read_json, read_tensors, write_json, write_tensors
 from .methods import METHODS, Method, create_method
 from .params import validate
-from .scenarios import ClassIncremental
+from .scenarios import make_scenario
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Run:
     """Everything a run is made of, built from a config (no training yet)."""
 
     config: RunConfig
-    scenario: ClassIncremental
+    scenario: object  # ClassIncremental, TaskIncremental, PermutedStream, RotatedStream
     method: Method
     ctx: Context
 
@@ -48,7 +48,7 @@ def build(config: RunConfig) -> Run:
     """Load the data, the backbone and the method named in ``config``."""
     validate(METHODS.get(config.method), config.params, what=config.method)
     bundle = create_dataset(config.dataset, config.data_root).load()
-    scenario = ClassIncremental.from_notation(bundle, config.scenario, seed=config.seed)
+    scenario = make_scenario(bundle, config.scenario, seed=config.seed)
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
     method = create_method(config.method, backbone, **config.params)
     cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
@@ -125,7 +125,8 @@ def new_results(r: Run) -> dict:
             "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
             | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
             "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),
-            "task_sizes": r.scenario.sizes, "environment": environment(r.ctx.device),
+            "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,
+            "environment": environment(r.ctx.device),
             "stages": []}
 
 

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -59,11 +60,21 @@ class Method(ABC):
         self.num_classes_ = max(self.num_classes_, task.num_seen)
 
     @torch.no_grad()
-    def predict(self, split: Split, ctx: Context) -> torch.Tensor:
-        """(len(split), num_classes_) logits; row i depends on sample i alone (no batch votes)."""
+    def predict(self, split: Split, ctx: Context, task_ids: np.ndarray | None = None
+                ) -> torch.Tensor:
+        """(len(split), num_classes_) logits; row i depends on sample i alone (no batch votes).
+
+        ``task_ids`` (N,) reach only methods tagged ``needs_task_id_at_test`` (task-incremental
+        streams); every other method predicts without them, so none can read the task at test.
+        """
         if self.tasks_learned_ == 0:
             raise RuntimeError(f"{self.name} has not learned any task yet")
-        logits = self._predict(split, ctx)
+        if TASK_ID_AT_TEST in self.tags:
+            if task_ids is None:
+                raise ValueError(f"{self.name} needs the task id of every test sample")
+            logits = self._predict(split, ctx, task_ids)
+        else:
+            logits = self._predict(split, ctx)
         assert logits.shape == (len(split), self.num_classes_), logits.shape
         return logits
 

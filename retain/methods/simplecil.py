@@ -4,6 +4,7 @@ Generalizability and Adaptivity are All You Need", IJCV 2024; LAMDA-PILOT ``simp
 Nothing is trained: the backbone stays frozen, each new class gets the mean of its training
 features as prototype, and a test sample is scored by cosine similarity to every prototype.
 Cost per task: one frozen pass over the new training images (the floor for every method).
+In a domain-incremental stream only the first task brings new classes, so only it is used.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class SimpleCIL(Method):
         self.head_: CosineHead | None = None
 
     def _learn(self, task: Task, ctx: Context) -> None:
+        if not task.new_classes:  # domain streams: the classes already have their prototypes
+            return
         feats = ctx.features(self.backbone, task.train)  # (N, D)
         targets = torch.from_numpy(task.train.targets)
         if self.head_ is None:

@@ -2,6 +2,15 @@
 
 from .base import Task, TaskKind
 from .class_incremental import ClassIncremental, class_order_for, parse_notation, task_sizes
+from .factory import make_scenario
+from .streams import (
+    CIFAR100_SUPERCLASSES,
+    PermutedStream,
+    RotatedStream,
+    TaskIncremental,
+    superclass_order,
+)
 
-__all__ = ["ClassIncremental", "Task", "TaskKind", "class_order_for", "parse_notation",
-           "task_sizes"]
+__all__ = ["CIFAR100_SUPERCLASSES", "ClassIncremental", "PermutedStream", "RotatedStream",
+           "Task", "TaskIncremental", "TaskKind", "class_order_for", "make_scenario",
+           "parse_notation", "superclass_order", "task_sizes"]
