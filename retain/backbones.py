@@ -230,6 +230,34 @@ for _name in TIMM_VITS:
     register_backbone(_name)(_timm_factory(_name))
 
 
+# ----------------------------------------------------------------------------- raw pixels
+
+
+@register_backbone("pixels")
+def pixels(weights=None, image_size=None) -> Backbone:
+    """Raw gray pixels, MNIST normalisation (0.1307, 0.3081), for networks trained from scratch.
+
+    No pretrained network: ``model`` is the identity on the (B, 1, S, S) image (default S = 28).
+    Methods that grow or mask their own network (SupSup, DyTox, DEN, APD) build it on this input.
+    """
+    return _pixels("pixels", image_size or 28, (0.1307,) * 3, (0.3081,) * 3, gray=True)
+
+
+@register_backbone("pixels_rgb")
+def pixels_rgb(weights=None, image_size=None) -> Backbone:
+    """Raw RGB pixels, CIFAR-100 normalisation, for networks trained from scratch (S = 32)."""
+    return _pixels("pixels_rgb", image_size or 32, (0.5071, 0.4865, 0.4409),
+                   (0.2673, 0.2564, 0.2762), gray=False)
+
+
+def _pixels(name: str, size: int, mean, std, gray: bool) -> Backbone:
+    pre = Preprocess(size, mean, std, crop_pct=1.0, interpolation="bilinear", gray=gray)
+    dim = pre.channels * size * size
+    ident = {"name": name, "source": "retain (no weights)", "weights": None,
+             "sha256": hashlib.sha256(name.encode()).hexdigest(), "pretrained": False}
+    return Backbone(name, nn.Identity(), dim, pre, ident)
+
+
 # ----------------------------------------------------------------------------- test backbones
 
 

@@ -56,3 +56,12 @@ def restrict(logits: torch.Tensor, classes: list[tuple[int, ...]]) -> torch.Tens
     for i, cs in enumerate(classes):
         mask[i, list(cs)] = False
     return logits.masked_fill(mask, float("-inf"))
+
+
+def task_inference_accuracy(method: Method, tasks: list[Task], ctx: Context) -> list[float] | None:
+    """Per seen task, the share of its test samples whose task a method infers correctly; None
+    for methods without task inference (those define ``infer_task(split, ctx) -> (N,) ids``)."""
+    infer = getattr(method, "infer_task", None)
+    if infer is None:
+        return None
+    return [float((np.asarray(infer(t.test, ctx)) == t.id).mean()) for t in tasks]

@@ -26,7 +26,7 @@ from .config import RunConfig, comparable
 from .context import Context, resolve_device
 from .datasets import create_dataset
 from .errors import ConfigError
-from .evaluation import evaluate
+from .evaluation import evaluate, task_inference_accuracy
 from .features import FeatureCache, default_cache_dir
 from .io import read_json, read_tensors, write_json, write_tensors
 from .methods import METHODS, Method, create_method
@@ -95,11 +95,16 @@ def learn_and_evaluate(r: Run, task) -> dict:
     t1 = time.perf_counter()
     correct, total = evaluate(r.method, r.scenario[: task.id + 1], r.ctx, task.id)
     t2 = time.perf_counter()
+    inferred = task_inference_accuracy(r.method, r.scenario[: task.id + 1], r.ctx)
+    state = r.method.state_dict()
     return {"task": task.id, "num_classes": task.num_seen, "new_classes": list(task.new_classes),
             "correct": correct.tolist(), "total": total.tolist(),
             "seconds_learn": t1 - t0, "seconds_eval": t2 - t1,
             "images_embedded": r.ctx.cache.images_embedded - embedded,
-            "parameters": r.method.parameter_counts(), **peak_memory(r.ctx.device)}
+            "parameters": r.method.parameter_counts(),
+            "stored_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            **({"task_inference_accuracy": inferred} if inferred is not None else {}),
+            **peak_memory(r.ctx.device)}
 
 
 def seed_everything(seed: int, task_id: int) -> None:

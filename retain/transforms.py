@@ -25,14 +25,16 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    gray: bool = False  # one channel (MNIST-style networks); mean/std then use their first value
 
     @property
     def key(self) -> str:
         d = asdict(self)
         return "-".join(f"{k}={v}" for k, v in sorted(d.items()))
 
-    def with_size(self, size: int) -> Preprocess:
-        return Preprocess(size, self.mean, self.std, self.crop_pct, self.interpolation)
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
 
     def __call__(self, split: Split, positions: np.ndarray) -> torch.Tensor:
         """Images at ``positions`` of ``split`` as a (B, 3, size, size) float32 tensor."""
@@ -40,8 +42,11 @@ class Preprocess:
             x = torch.stack([self._file(split.image(int(i))) for i in positions])  # (B,3,S,S)
         else:
             x = self._array(split.data[positions])
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        if self.gray:
+            x = x.mean(1, keepdim=True)  # (B,1,S,S)
+        c = self.channels
+        mean = torch.tensor(self.mean[:c]).view(1, c, 1, 1)
+        std = torch.tensor(self.std[:c]).view(1, c, 1, 1)
         return (x - mean) / std
 
     def _array(self, a: np.ndarray) -> torch.Tensor:
