@@ -36,10 +36,13 @@ class RidgeStatistics:
         self.cross += h.T @ onehot
 
     def solve(self, lam: float) -> torch.Tensor:
-        """W = (G + λI)⁻¹ Q (M, C), by Cholesky."""
+        """W = (G + λI)⁻¹ Q (M, C): by Cholesky; when G + λI is numerically singular (tiny λ,
+        fewer samples than features) by least squares, which returns the minimum-norm answer."""
         a = self.gram + lam * torch.eye(len(self.gram), dtype=torch.float64)
-        chol = torch.linalg.cholesky(a)
-        return torch.cholesky_solve(self.cross, chol)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return torch.cholesky_solve(self.cross, chol)
+        return torch.linalg.lstsq(a, self.cross, driver="gelsd").solution
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}gram": self.gram, f"{prefix}cross": self.cross}

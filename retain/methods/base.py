@@ -84,7 +84,8 @@ class Method(ABC):
         return {"_counters": counters, **self._state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        state = dict(state)
+        """Load a copy of ``state``: the method never shares tensors with the caller."""
+        state = {k: v.clone() for k, v in state.items()}
         self.tasks_learned_, self.num_classes_ = (int(v) for v in state.pop("_counters"))
         self._load_state(state)
 

@@ -1,0 +1,80 @@
+"""First-session adaptation (APER, RanPAC, LayUP): tune the pre-trained network on the first
+task with a cosine head, then freeze it for good (Zhou et al., IJCV 2024, §4; McDonnell et al.,
+NeurIPS 2023, phase 1; Ahrens et al., TMLR 2024, "FSA").
+
+The adapted network becomes a new frozen ``Backbone`` whose identity is the hash of its weights,
+so the feature cache keeps its features apart from the pre-trained ones. ``peft`` chooses what
+is tuned: ``finetune`` (every weight), or a parameter-efficient module injected into timm's ViT
+(``adapter``, ``ssf``, ``vpt_shallow``, ``vpt_deep``; see ``retain.layers.peft``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone, sha256_state
+from .context import Context
+from .datasets.base import Split
+from .layers.heads import CosineHead
+from .training import fit
+from .transforms import Augment
+
+Peft = Literal["finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
+
+
+def attach(model: nn.Module, peft: Peft, **options) -> nn.Module:
+    """Inject the ``peft`` module into ``model`` (in place); return the module to train."""
+    if peft == "finetune":
+        return model
+    from .layers import peft as P
+
+    return P.attach(model, peft, **options)
+
+
+def adapted_backbone(base: Backbone, model: nn.Module, peft: str) -> Backbone:
+    """A frozen Backbone for ``model`` (an adapted copy of ``base.model``)."""
+    model.requires_grad_(False).eval()
+    ident = dict(base.identity, name=f"{base.name}+{peft}", sha256=sha256_state(model),
+                 adapted_from=base.identity.get("sha256"), peft=peft)
+    return Backbone(f"{base.name}+{peft}", model, base.feature_dim, base.preprocess, ident)
+
+
+def adapt_first_session(base: Backbone, train: Split, classes: tuple[int, ...], ctx: Context, *,
+                        peft: Peft, epochs: int, lr: float, batch_size: int, weight_decay: float,
+                        momentum: float = 0.9, augment: bool = True,
+                        generator: torch.Generator, options: dict | None = None
+                        ) -> tuple[Backbone, nn.Module]:
+    """Tune a copy of ``base.model`` on ``train`` (labels ``classes``) with a cosine head and
+    cross-entropy; returns the frozen adapted backbone and the trained module (its state)."""
+    model = copy.deepcopy(base.model)
+    model.requires_grad_(False)
+    tuned = attach(model, peft, **(options or {}))
+    tuned.requires_grad_(True)
+    head = CosineHead(base.feature_dim, len(classes))
+    nn.init.normal_(head.weight, std=0.02, generator=generator)
+    offset = torch.tensor(min(classes))
+    aug = Augment() if augment else None
+
+    def inputs(pos: np.ndarray) -> torch.Tensor:
+        x = base.preprocess(train, pos)  # (B, 3, S, S)
+        return aug(x, generator) if aug is not None else x
+
+    targets = torch.from_numpy(train.targets) - offset
+    fit(nn.Sequential(model, head), inputs, targets, ctx, epochs=epochs, lr=lr,
+        batch_size=batch_size, weight_decay=weight_decay, momentum=momentum,
+        generator=generator, desc=f"adapt ({peft})")
+    return adapted_backbone(base, model, peft), tuned
+
+
+def restore_adapted(base: Backbone, peft: Peft, state: dict[str, torch.Tensor],
+                    options: dict | None = None) -> tuple[Backbone, nn.Module]:
+    """Rebuild an adapted backbone from the state of its trained module."""
+    model = copy.deepcopy(base.model)
+    tuned = attach(model, peft, **(options or {}))
+    tuned.load_state_dict(state)
+    return adapted_backbone(base, model, peft), tuned
