@@ -57,3 +57,40 @@ def test_lambda_errors_match_direct_and_selection_prefers_regularising_noise():
     chosen, _ = select_lambda(h, torch.randint(0, 4, (80,), generator=g), 4,
                               torch.Generator().manual_seed(0))
     assert chosen >= 1.0
+
+
+def test_stratified_folds_match_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.model_selection")
+    import numpy as np
+
+    from retain.layers.ridge import stratified_folds
+
+    y = np.random.RandomState(0).randint(0, 5, 103)
+    ours = stratified_folds(y, 4)
+    for f, (_, test) in enumerate(sklearn.StratifiedKFold(4, shuffle=False).split(y, y)):
+        assert set(np.flatnonzero(ours == f)) == set(test)
+
+
+def test_cv_lambda_matches_direct_solves():
+    import numpy as np
+
+    from retain.layers.ridge import LAYUP_LAMBDAS, select_lambda_cv, stratified_folds
+
+    g = torch.Generator().manual_seed(3)
+    prev = RidgeStatistics(12)
+    prev.update(torch.randn(20, 12, generator=g), torch.randint(0, 3, (20,), generator=g), 3)
+    h, y = torch.randn(40, 12, generator=g), torch.randint(3, 5, (40,), generator=g)
+    lam, accs = select_lambda_cv(h, y, 5, prev)
+    fold_of = stratified_folds(y.numpy(), 4)
+    onehot = torch.nn.functional.one_hot(y, 5).double()
+    direct = np.zeros(len(LAYUP_LAMBDAS))
+    for f in range(4):
+        tr, va = fold_of != f, fold_of == f
+        gram = prev.gram + h[tr].double().T @ h[tr].double()
+        cross = torch.cat([prev.cross, torch.zeros(12, 2, dtype=torch.float64)], 1)
+        cross = cross + h[tr].double().T @ onehot[tr]
+        for i, lmb in enumerate(LAYUP_LAMBDAS):
+            w = torch.linalg.solve(gram + lmb * torch.eye(12, dtype=torch.float64), cross)
+            direct[i] += float(((h[va].double() @ w).argmax(1) == y[va]).double().mean()) / 4
+    np.testing.assert_allclose(accs, direct, atol=1e-9)
+    assert lam == LAYUP_LAMBDAS[int(np.argmax(direct))]

@@ -12,6 +12,7 @@ HᵀH = V diag(e) Vᵀ (when n ≥ M) W(λ) = V diag(1 / (e + λ)) Vᵀ HᵀY. B
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 RANPAC_LAMBDAS = tuple(10.0**k for k in range(-8, 9))  # the official 17 candidates
@@ -28,10 +29,7 @@ class RidgeStatistics:
         """Add features ``h`` (N, M) with integer labels ``y`` (N,) over ``num_classes``."""
         h = h.double()
         onehot = torch.nn.functional.one_hot(y, num_classes).double()  # (N, C)
-        if num_classes > self.cross.shape[1]:
-            pad = torch.zeros(self.cross.shape[0], num_classes - self.cross.shape[1],
-                              dtype=torch.float64)
-            self.cross = torch.cat([self.cross, pad], 1)
+        self.cross = _pad(self.cross, num_classes)
         self.gram += h.T @ h
         self.cross += h.T @ onehot
 
@@ -99,3 +97,50 @@ def select_lambda(h: torch.Tensor, y: torch.Tensor, num_classes: int, generator:
     tr, va = perm[:cut], perm[cut:]
     errors = lambda_path_errors(h[tr], onehot[tr], h[va], onehot[va], lambdas)
     return lambdas[int(errors.argmin())], errors
+
+
+LAYUP_LAMBDAS = tuple(float(v) for v in np.logspace(-4, 3, 15)) + (1e-8,)  # LayUP's candidates
+
+
+def stratified_folds(y: np.ndarray, folds: int) -> np.ndarray:
+    """Fold of each sample, as scikit-learn's ``StratifiedKFold(shuffle=False)`` assigns them:
+    within each class, samples in order fill fold 0, then fold 1, ..."""
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    encoded = np.argsort(np.argsort(first))[inverse]  # classes numbered by first appearance
+    classes = first
+    order = np.sort(encoded)
+    allocation = np.array([np.bincount(order[i::folds], minlength=len(classes))
+                           for i in range(folds)])  # (folds, K)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    for k in range(len(classes)):
+        fold_of[encoded == k] = np.arange(folds).repeat(allocation[:, k])
+    return fold_of
+
+
+def select_lambda_cv(h: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     previous: RidgeStatistics, lambdas: tuple[float, ...] = LAYUP_LAMBDAS,
+                     folds: int = 4) -> tuple[float, np.ndarray]:
+    """LayUP's λ choice: stratified k-fold CV on the current task with the previous G and Q
+    added in, accuracy criterion; one eigendecomposition per fold serves every λ.
+    Returns (λ, mean validation accuracy per candidate)."""
+    h = h.double()
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()  # (N, C)
+    fold_of = stratified_folds(y.numpy(), folds)
+    accs = []
+    for f in range(folds):
+        tr, va = torch.from_numpy(fold_of != f), torch.from_numpy(fold_of == f)
+        gram = previous.gram + h[tr].T @ h[tr]  # (M, M)
+        cross = _pad(previous.cross, num_classes) + h[tr].T @ onehot[tr]  # (M, C)
+        e, v = torch.linalg.eigh(gram)
+        proj = v.T @ cross  # (M, C)
+        val = h[va] @ v  # (N_va, M)
+        lam = torch.tensor(lambdas, dtype=torch.float64).view(-1, 1, 1)  # (L, 1, 1)
+        pred = val.unsqueeze(0) @ (proj.unsqueeze(0) / (e.clamp_min(0).view(1, -1, 1) + lam))
+        accs.append((pred.argmax(-1) == y[va]).double().mean(1).numpy())  # (L,)
+    mean = np.mean(accs, axis=0)
+    return lambdas[int(np.argmax(mean))], mean
+
+
+def _pad(cross: torch.Tensor, num_classes: int) -> torch.Tensor:
+    extra = num_classes - cross.shape[1]
+    return torch.cat([cross, cross.new_zeros(cross.shape[0], extra)], 1) if extra > 0 else cross
