@@ -21,6 +21,7 @@ from retain.methods import FROZEN_BACKBONE, METHODS, create_method, method_param
 FAST: dict[str, dict] = {
     "finetune": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "joint": {"epochs": 8, "lr": 0.05, "batch_size": 4},
+    "aper": {"peft": "finetune", "epochs": 2, "batch_size": 8},
     "layup": {"peft": "finetune", "epochs": 1, "batch_size": 8, "layers": 2},
     "ranpac": {"peft": "finetune", "epochs": 1, "batch_size": 8, "projection_dim": 256},
 }

@@ -27,7 +27,9 @@ from ..params import Interval
 from ..scenarios.base import Task
 from .base import FROZEN_AFTER_FIRST, Method, count, register_method
 
-PEFT_OPTIONS = {"vpt_deep": {"num_tokens": 10}, "vpt_shallow": {"num_tokens": 10}}
+# the official VPT: 10 zero-initialised tokens appended after the patches (PILOT's placement)
+PEFT_OPTIONS = {"vpt_deep": {"num_tokens": 10, "placement": "pilot"},
+                "vpt_shallow": {"num_tokens": 10, "placement": "pilot"}}
 
 
 @register_method("layup")
