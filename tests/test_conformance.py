@@ -22,6 +22,7 @@ FAST: dict[str, dict] = {
     "finetune": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "joint": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "aper": {"peft": "finetune", "epochs": 2, "batch_size": 8},
+    "ease": {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": False},
     "layup": {"peft": "finetune", "epochs": 1, "batch_size": 8, "layers": 2},
     "ranpac": {"peft": "finetune", "epochs": 1, "batch_size": 8, "projection_dim": 256},
 }
