@@ -74,8 +74,8 @@ def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = 
         restore(r.method, run_dir, start - 1)
         echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
     for task in r.scenario[start:]:
-        stage = learn_and_evaluate(r, task)
-        save_stage(r, results, stage, run_dir)
+        stage, state = learn_and_evaluate(r, task)
+        save_stage(r, results, stage, state, run_dir)
         s = metrics.summary(*report.counts(results))
         echo(report.stage_line(stage, len(r.scenario), s))
     report.plot(results, run_dir)
@@ -84,8 +84,9 @@ def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = 
     return results
 
 
-def learn_and_evaluate(r: Run, task) -> dict:
-    """Learn one task, evaluate on every seen task, and measure time and memory."""
+def learn_and_evaluate(r: Run, task) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Learn one task, evaluate on every seen task, measure time and memory; returns the stage
+    record and the method's state after the task."""
     seed_everything(r.config.seed, task.id)
     if r.ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(r.ctx.device)
@@ -104,7 +105,7 @@ def learn_and_evaluate(r: Run, task) -> dict:
             "parameters": r.method.parameter_counts(),
             "stored_bytes": sum(t.numel() * t.element_size() for t in state.values()),
             **({"task_inference_accuracy": inferred} if inferred is not None else {}),
-            **peak_memory(r.ctx.device)}
+            **peak_memory(r.ctx.device)}, state
 
 
 def seed_everything(seed: int, task_id: int) -> None:
@@ -140,11 +141,12 @@ def environment(device: torch.device) -> dict:
             "platform": platform.platform(), "device": str(device)}
 
 
-def save_stage(r: Run, results: dict, stage: dict, run_dir: Path) -> None:
+def save_stage(r: Run, results: dict, stage: dict, state: dict[str, torch.Tensor],
+               run_dir: Path) -> None:
     """Checkpoint first, then results: results.json never names a stage without its state."""
     t = stage["task"]
     ckpt = run_dir / "checkpoints" / f"task-{t:03d}.safetensors"
-    write_tensors(ckpt, r.method.state_dict(), metadata={"method": r.method.name, "task": str(t)})
+    write_tensors(ckpt, state, metadata={"method": r.method.name, "task": str(t)})
     write_json(ckpt.with_suffix(".json"), {"method": r.method.name, "task": t,
                                            "hparams": r.method.hparams(),
                                            "backbone": r.method.backbone.describe()})
