@@ -106,6 +106,11 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _scalar(value: Any, annotation: type, key: str) -> Any:
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):

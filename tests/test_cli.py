@@ -86,3 +86,10 @@ def test_preset_then_set_overrides(tmp_path):
 
     cfg = make_config(preset="simplecil_cifar100_b0inc10", sets=["scenario=B50Inc10"])
     assert (cfg.dataset, cfg.scenario) == ("cifar100", "B50Inc10")
+
+
+def test_exponent_notation_is_a_float():
+    from retain.methods import METHODS
+    from retain.params import validate
+
+    assert validate(METHODS.get("finetune"), {"lr": "1e-3"}) == {"lr": 0.001}
