@@ -23,15 +23,21 @@ Inputs = Callable[[np.ndarray], torch.Tensor]
 
 
 def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *, epochs: int,
-        lr: float, batch_size: int, weight_decay: float = 0.0, momentum: float = 0.9,
-        generator: torch.Generator, loss_fn: Callable | None = None, desc: str = "train"
-        ) -> list[float]:
-    """Train ``model``'s trainable parameters; returns the mean loss of each epoch."""
+        lr: float | None = None, batch_size: int, weight_decay: float = 0.0,
+        momentum: float = 0.9, generator: torch.Generator, loss_fn: Callable | None = None,
+        desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
+    """Train ``model``'s trainable parameters; returns the mean loss of each epoch.
+
+    Give ``lr`` (SGD over the trainable parameters, cosine to 0 over every step), or your own
+    ``optimizer`` (e.g. parameter groups with their own learning rates; ``weight_decay`` and
+    ``momentum`` are then its own) with an optional ``scheduler`` stepped after every batch
+    (None: constant rates).
+    """
     loss_fn = loss_fn or F.cross_entropy
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = len(targets)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch_size))
+    opt, sched = _optimizer(model, epochs * math.ceil(n / batch_size), lr, weight_decay,
+                            momentum, optimizer, scheduler)
     model.to(ctx.device).train()
     losses = []
     for _ in tqdm(range(epochs), desc=desc, disable=not ctx.progress, leave=False):
@@ -44,11 +50,25 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total += float(loss.detach()) * len(pos)
         losses.append(total / n)
     model.eval()
     return losses
+
+
+def _optimizer(model, steps, lr, weight_decay, momentum, optimizer, scheduler):
+    """The caller's (optimizer, scheduler), or SGD + cosine over ``steps`` at ``lr``."""
+    if (lr is None) == (optimizer is None):
+        raise ValueError("fit needs exactly one of lr (default SGD + cosine) or optimizer")
+    if optimizer is not None:
+        return optimizer, scheduler
+    if scheduler is not None:
+        raise ValueError("fit: a scheduler needs its optimizer")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
 
 def image_inputs(backbone: Backbone, split: Split) -> Inputs:

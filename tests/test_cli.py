@@ -19,7 +19,7 @@ def test_list(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["run", "--method", "nope"], "unknown method 'nope'; choose one of: finetune"),
+    (["run", "--method", "nope"], "unknown method 'nope'; choose one of: "),
     (["run", "--set", "nokey=1"], "unknown config key 'nokey'"),
     (["run", "--set", "seed=x"], "config.seed = 'x' has type str; expected int"),
     (["run", "--method", "finetune", "--set", "params.lr=fast"], "finetune.lr"),

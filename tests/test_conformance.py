@@ -11,22 +11,57 @@ import pytest
 import torch
 
 from retain import metrics
+from retain.backbones import create_backbone
 from retain.context import Context
 from retain.errors import ConfigError
 from retain.evaluation import evaluate
 from retain.features import FeatureCache
-from retain.methods import FROZEN_BACKBONE, METHODS, create_method, method_params
+from retain.methods import FROZEN_BACKBONE, METHODS, TASK_ID_AT_TEST, create_method, method_params
+from retain.scenarios import make_scenario
 
 # hyper-parameters that keep each method fast on the tiny stream (empty: defaults)
 FAST: dict[str, dict] = {
+    "ease": {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": False},
     "finetune": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "joint": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "aper": {"peft": "finetune", "epochs": 2, "batch_size": 8},
-    "ease": {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": False},
     "layup": {"peft": "finetune", "epochs": 1, "batch_size": 8, "layers": 2},
     "ranpac": {"peft": "finetune", "epochs": 1, "batch_size": 8, "projection_dim": 256},
+    "slca": {"epochs": 8, "lr": 0.05, "batch_size": 4, "augment": False, "ca_samples": 32},
+    "apd": {"conv_channels": (4,), "hidden": (32,), "epochs": 6, "batch_size": 8,
+            "val_fraction": 0.0, "cluster_every": 2},
+    "dytox": {"embed_dim": 16, "depth": 1, "num_heads": 2, "epochs": 8, "finetune_epochs": 4,
+              "batch_size": 8, "lr": 0.3, "finetune_lr": 0.1, "warmup_epochs": 0,
+              "memory_size": 12, "augment": "none"},
+    "den": {"hidden": (32, 16), "steps": 40, "batch_size": 8},
+    "supsup": {"epochs": 10, "lr": 0.01, "batch_size": 8},
+    "supsup_gn": {"epochs": 10, "lr": 0.01, "batch_size": 8},
 }
 ALL = METHODS.names()
+
+# methods that train their own network on raw pixels, or need the task id at test time, run on
+# another backbone and stream of the same tiny images: name -> (backbone, scenario)
+STREAMS: dict[str, tuple[str, str]] = {
+    "apd": ("pixels", "TIL-B0Inc2"),
+    "dytox": ("pixels_rgb", "B0Inc2"),
+    "den": ("pixels", "TIL-B0Inc2"),
+    "supsup": ("pixels", "TIL-B0Inc2"),
+    "supsup_gn": ("pixels", "B0Inc2"),
+}
+
+
+def setup(name, tiny_vit, scenario):
+    """(backbone, scenario) the suite runs ``name`` on: the tiny ViT and stream unless listed."""
+    if name not in STREAMS:
+        return tiny_vit, scenario
+    backbone, stream = STREAMS[name]
+    return create_backbone(backbone, image_size=16), make_scenario(scenario.bundle, stream)
+
+
+def predict(m, split, ctx, task_id):
+    """``m.predict``; the task id goes only to methods that declare they need it."""
+    ids = np.full(len(split), task_id) if TASK_ID_AT_TEST in m.tags else None
+    return m.predict(split, ctx, ids)
 
 
 def make(name, backbone):
@@ -59,11 +94,12 @@ def test_unknown_and_ill_typed_hparams_are_errors(name, tiny_vit):
 
 @pytest.mark.parametrize("name", ALL)
 def test_learns_predicts_and_beats_chance(name, tiny_vit, scenario):
-    m, ctx = make(name, tiny_vit), fresh_ctx()
+    backbone, scenario = setup(name, tiny_vit, scenario)
+    m, ctx = make(name, backbone), fresh_ctx()
     correct, total = np.zeros((3, 3)), np.zeros((3, 3))
     for task in scenario:
         m.learn(task, ctx)
-        logits = m.predict(task.test, ctx)
+        logits = predict(m, task.test, ctx, task.id)
         assert logits.shape == (len(task.test), task.num_seen)
         assert torch.isfinite(logits).all()
         c, t = evaluate(m, scenario[: task.id + 1], ctx, task.id)
@@ -81,30 +117,32 @@ def test_tasks_must_come_in_order(name, tiny_vit, scenario):
 
 @pytest.mark.parametrize("name", ALL)
 def test_prediction_of_a_sample_does_not_depend_on_its_batch(name, tiny_vit, scenario):
-    m, ctx = make(name, tiny_vit), fresh_ctx()
+    backbone, scenario = setup(name, tiny_vit, scenario)
+    m, ctx = make(name, backbone), fresh_ctx()
     for task in scenario[:2]:
         m.learn(task, ctx)
     test = scenario[1].test
-    full = m.predict(test, ctx)
+    full = predict(m, test, ctx, 1)
     rev = np.arange(len(test))[::-1].copy()
-    part = m.predict(test.subset(rev[:5]), ctx)
+    part = predict(m, test.subset(rev[:5]), ctx, 1)
     torch.testing.assert_close(part, full[rev[:5]], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_state_round_trip_and_exact_resume(name, tiny_vit, scenario):
-    a, ctx_a = make(name, tiny_vit), fresh_ctx()
+    backbone, scenario = setup(name, tiny_vit, scenario)
+    a, ctx_a = make(name, backbone), fresh_ctx()
     for task in scenario[:2]:
         a.learn(task, ctx_a)
-    b, ctx_b = make(name, tiny_vit), fresh_ctx()
+    b, ctx_b = make(name, backbone), fresh_ctx()
     b.load_state_dict(a.state_dict())
     test = scenario[1].test
-    torch.testing.assert_close(b.predict(test, ctx_b), a.predict(test, ctx_a))
+    torch.testing.assert_close(predict(b, test, ctx_b, 1), predict(a, test, ctx_a, 1))
     assert (b.tasks_learned_, b.num_classes_) == (a.tasks_learned_, a.num_classes_)
     a.learn(scenario[2], ctx_a)
     b.learn(scenario[2], ctx_b)
-    torch.testing.assert_close(b.predict(scenario[2].test, ctx_b),
-                               a.predict(scenario[2].test, ctx_a))
+    torch.testing.assert_close(predict(b, scenario[2].test, ctx_b, 2),
+                               predict(a, scenario[2].test, ctx_a, 2))
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if FROZEN_BACKBONE in METHODS.get(n).tags])
@@ -121,8 +159,9 @@ def test_frozen_backbone_embeds_each_image_once(name, tiny_vit, scenario):
 
 @pytest.mark.parametrize("name", ALL)
 def test_parameter_counts(name, tiny_vit, scenario):
-    m = make(name, tiny_vit)
+    backbone, scenario = setup(name, tiny_vit, scenario)
+    m = make(name, backbone)
     m.learn(scenario[0], fresh_ctx())
     counts = m.parameter_counts()
     assert 0 <= counts["trainable"] <= counts["total"]
-    assert counts["total"] >= sum(p.numel() for p in tiny_vit.model.parameters())
+    assert counts["total"] >= sum(p.numel() for p in backbone.model.parameters())

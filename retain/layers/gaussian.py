@@ -1,0 +1,98 @@
+"""Per-class Gaussian statistics of features, and seeded sampling from them.
+
+Classifier alignment (SLCA, Zhang et al., ICCV 2023; HiDe-Prompt, Wang et al., NeurIPS 2023)
+replaces the stored images of old classes by a Gaussian per class: the mean μ_c and the full
+covariance Σ_c of its training features, taken once when the class is learned. Heads are then
+re-trained on vectors drawn from N(s·μ_c, Σ_c). Statistics are float64 (as ``torch.cov`` in the
+official code) with ε·I added to Σ_c, so it stays positive definite when a class has fewer
+samples than feature dimensions. A draw is μ' + ε Lᵀ with ε ~ N(0, I) from the caller's
+generator and L the Cholesky factor of Σ_c (computed in float64; draws are float32, as the
+official ``MultivariateNormal(μ.float(), Σ.float())``): the same law, but seeded. ``sampler``
+factorises once for repeated draws (its factors are half the size of the covariances).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class ClassGaussians:
+    """Mean (C, D) and covariance (C, D, D), float64, of every class added so far."""
+
+    def __init__(self, dim: int, eps: float = 1e-4):
+        self.eps = eps
+        self.labels = torch.zeros(0, dtype=torch.int64)  # (C,) class label of each row
+        self.means = torch.zeros(0, dim, dtype=torch.float64)  # (C, D)
+        self.covs = torch.zeros(0, dim, dim, dtype=torch.float64)  # (C, D, D)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def add(self, features: torch.Tensor, targets: torch.Tensor, classes) -> None:
+        """Statistics of each of ``classes`` from ``features`` (N, D) with labels ``targets``."""
+        known = set(self.labels.tolist()) & set(classes)
+        if known:
+            raise ValueError(f"classes {sorted(known)} already have statistics")
+        stats = [self._stats(features[targets == c], c) for c in classes]
+        self.labels = torch.cat([self.labels, torch.tensor(list(classes), dtype=torch.int64)])
+        self.means = torch.cat([self.means, torch.stack([m for m, _ in stats])])
+        self.covs = torch.cat([self.covs, torch.stack([s for _, s in stats])])
+
+    def _stats(self, x: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(x) < 2:
+            raise ValueError(f"class {c} has {len(x)} sample(s); a covariance needs 2")
+        x = x.double()  # (n, D)
+        eye = torch.eye(x.shape[1], dtype=torch.float64)
+        return x.mean(0), torch.cov(x.T) + self.eps * eye  # (D,), (D, D) unbiased
+
+    def rows(self, classes) -> torch.Tensor:
+        """Row of each of ``classes`` in ``means``/``covs``."""
+        where = {int(c): i for i, c in enumerate(self.labels)}
+        missing = [c for c in classes if int(c) not in where]
+        if missing:
+            raise KeyError(f"no statistics for classes {missing}")
+        return torch.tensor([where[int(c)] for c in classes])
+
+    def sampler(self, classes, scales: torch.Tensor | None = None) -> GaussianSampler:
+        """Draws from N(s_c·μ_c, Σ_c) for each of ``classes`` (``scales`` (K,) default to 1),
+        with every Σ_c factorised once for all the draws that follow."""
+        rows = self.rows(classes)
+        scales = torch.ones(len(rows)) if scales is None else scales
+        means = scales.double().unsqueeze(1) * self.means[rows]  # (K, D)
+        factors = torch.linalg.cholesky(self.covs[rows])  # (K, D, D) lower triangular
+        labels = torch.tensor(list(classes), dtype=torch.int64)
+        return GaussianSampler(means.float(), factors.float(), labels)
+
+    def sample(self, classes, n: int, generator: torch.Generator,
+               scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` draws per class from N(s_c·μ_c, Σ_c): see ``GaussianSampler``."""
+        return self.sampler(classes, scales)(n, generator)
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}labels": self.labels, f"{prefix}means": self.means,
+                f"{prefix}covs": self.covs,
+                f"{prefix}eps": torch.tensor(self.eps, dtype=torch.float64)}
+
+    def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.labels = state[f"{prefix}labels"].long()
+        self.means = state[f"{prefix}means"].double()
+        self.covs = state[f"{prefix}covs"].double()
+        self.eps = float(state[f"{prefix}eps"])
+
+
+@dataclass(frozen=True)
+class GaussianSampler:
+    """K fixed Gaussians N(μ_k, L_k L_kᵀ); ``sampler(n, generator)`` draws n vectors from each."""
+
+    means: torch.Tensor  # (K, D) float32
+    factors: torch.Tensor  # (K, D, D) float32, lower Cholesky factors of the covariances
+    labels: torch.Tensor  # (K,) int64
+
+    def __call__(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors (K·n, D) float32 and their labels (K·n,), class by class."""
+        k, d = self.means.shape
+        eps = torch.randn(k, n, d, generator=generator)  # (K, n, D)
+        x = self.means.unsqueeze(1) + eps @ self.factors.transpose(1, 2)  # (K, n, D)
+        return x.reshape(k * n, d), self.labels.repeat_interleave(n)
