@@ -3,10 +3,11 @@
 The test samples of the seen tasks are concatenated and presented in a shuffled order (seeded by
 the run seed and the stage), so no method can profit from class-ordered batches (pitfall §1.2);
 predictions are mapped back before counting. In a task-incremental stream the prediction of a
-sample is restricted to its task's classes (task-IL accuracy, as Mammoth's ``mask_classes``), and
-methods that need the task id receive it; in class- and domain-incremental streams no method
-sees a task id at test time. Tasks whose test images differ in content (domain streams) are
-predicted group by group, so cached features of each task's images are reused.
+sample is restricted to its task's classes (task-IL accuracy, as Mammoth's ``mask_classes``).
+Only methods tagged ``needs_task_id_at_test`` ever receive task ids (in any stream: SupSup GG and
+DEN on permuted tasks are evaluated with the task given, and their results carry that tag); no
+other method sees a task id at test time. Tasks whose test images differ in content (domain
+streams) are predicted group by group, so cached features of each task's images are reused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .context import Context
 from .datasets.base import Split
-from .methods.base import Method
+from .methods.base import TASK_ID_AT_TEST, Method
 from .scenarios.base import Task
 
 
@@ -40,7 +41,8 @@ def _hits(method: Method, tasks: list[Task], ctx: Context, salt: list[int]) -> l
     task_of = np.repeat(np.arange(len(tasks)), [len(t.test) for t in tasks])  # (N,)
     order = np.random.RandomState([ctx.seed % 2**32, *salt]).permutation(len(test))
     aware = tasks[0].kind == "task"
-    ids = np.array([tasks[i].id for i in task_of[order]]) if aware else None
+    given = aware or TASK_ID_AT_TEST in method.tags  # e.g. SupSup GG on a permuted stream
+    ids = np.array([tasks[i].id for i in task_of[order]]) if given else None
     logits = method.predict(test.subset(order), ctx, ids)  # (N, C) in shuffled order
     if aware:
         logits = restrict(logits, [tasks[i].classes for i in task_of[order]])

@@ -127,7 +127,7 @@ def peak_memory(device: torch.device) -> dict:
 def new_results(r: Run) -> dict:
     return {"format": 1, "config": r.config.to_dict(), "method": r.method.name,
             "hparams": r.method.hparams(), "tags": sorted(r.method.tags),
-            "uses_batch_information": False,
+            "uses_batch_information": r.method.uses_batch_information,
             "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
             | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
             "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),

@@ -102,3 +102,18 @@ def test_kill_9_then_same_command_resumes_to_the_identical_matrix(tmp_path):
     got = json.loads((victim / "results.json").read_text())
     assert got["accuracy_matrix"] == ref["accuracy_matrix"]
     assert [s["correct"] for s in got["stages"]] == [s["correct"] for s in ref["stages"]]
+
+
+def test_task_id_methods_get_ids_on_domain_streams_and_batch_use_is_labelled(tmp_path):
+    flags = {"dataset": "digits", "backbone": "pixels", "scenario": "Permuted2",
+             "cache": False}
+    gg = run(make_config(flags=flags | {"method": "supsup", "out": str(tmp_path / "gg")},
+                         sets=["params.epochs=1", "params.batch_size=32"]),
+             echo=quiet, progress=False)
+    assert gg["tags"] == ["needs_task_id_at_test"] and not gg["uses_batch_information"]
+    assert gg["summary"]["last_accuracy"] > 0.5
+    gn = run(make_config(flags=flags | {"method": "supsup_gn", "out": str(tmp_path / "gn")},
+                         sets=["params.epochs=1", "params.batch_size=32",
+                               "params.per_batch=true"]),
+             echo=quiet, progress=False)
+    assert gn["uses_batch_information"] and "task_inference_accuracy" in gn["stages"][-1]

@@ -89,6 +89,12 @@ class Method(ABC):
         self.tasks_learned_, self.num_classes_ = (int(v) for v in state.pop("_counters"))
         self._load_state(state)
 
+    @property
+    def uses_batch_information(self) -> bool:
+        """True when a prediction depends on the other samples of its test batch (an explicit,
+        labelled option of a few methods: batch-wise prompt votes, per-batch task inference)."""
+        return False
+
     def hparams(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in P.specs(type(self))}
 

@@ -1,0 +1,372 @@
+"""SupSup: Supermasks in Superposition (Wortsman et al., NeurIPS 2020, arXiv 2006.14769; official
+code RAIVNLab/supsup @6a31878, its CPU notebook ``mnist.ipynb``; spec architecture-methods §1).
+
+A random network (signed-constant weights, no bias) is never trained. Each task learns a binary
+*supermask* over its weights (``retain/layers/masked.py``); old masks never change, so nothing is
+forgotten. Each mask is the task's whole network, head included: the task's classes are the first
+outputs of its mask, the other outputs are superfluous (output 100 in the notebook).
+
+Registered twice, as tags are per class:
+- ``supsup``, mode GG: the task id is given in training and at test (needs_task_id_at_test).
+- ``supsup_gn``, mode GN: the id is given in training only; at test the task of every sample is
+  inferred by the one-shot algorithm: alpha uniform over the *learned* slots, the gradient g of
+  the output entropy H (or of G, the logsumexp over superfluous outputs) w.r.t. alpha, task =
+  argmin g; or by binary search (keep the slots with g <= median until one is left).
+  ``per_batch=True`` is the official evaluation protocol, labelled: one inference per test batch
+  of ``batch_size`` from its first ``examples`` samples (predictions then depend on the batch).
+- ``supsup_gn``, mode NNs: no task id in training either (task-free). Every ``nns_every``
+  batches, alpha is uniform over n = max(#masks, 5) slots (untrained slots are their initial
+  random masks), g = -dH/dalpha; if max softmax(g) < ``nns_threshold``/n a new mask is allocated,
+  else the mask argmax g trains on. Labels are shared (output j = class j). The runner hands the
+  stream over task by task; the method ignores the boundaries (detection also runs on the first
+  batch of each call, as the official batch counter restarts with every task's loader), and
+  records which task was being learned when a mask was allocated only to report task inference.
+
+Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
+1 epoch, no weight decay). Differences from the official code: task inference takes the argmin
+over learned slots only (the official one over every allocated slot could pick an untrained one,
+pitfall §4.20), per sample by default; masks are kept as bool and packed to 1 bit in checkpoints
+(not float stacks); the frozen weights are regenerated from a stored seed, not stored. Not
+implemented: ResNet backbones (GEMResNet18, ResNet-50), ER per-layer densities, HopSupSup,
+BatchE/Transfer baselines and CIFAR augmentation. "density" is the official "sparsity".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..context import Context
+from ..datasets.base import Split
+from ..errors import ConfigError
+from ..layers.masked import (
+    MaskedConv2d,
+    MaskedLinear,
+    MultitaskBatchNorm,
+    SupermaskNet,
+    entropy,
+    pack_masks,
+    superfluous_logsumexp,
+    unpack_masks,
+)
+from ..layers.mlp import build_net
+from ..params import Interval
+from ..scenarios.base import Task
+from .base import TASK_ID_AT_TEST, Method, count, register_method
+
+Mode = Literal["GG", "GN", "NNs"]
+Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv"]
+NNS_MIN_SLOTS = 5  # the task-free detector compares at least 5 masks (official ``maxn``)
+NEG = -1e9  # logits of classes outside the predicted mask
+
+
+@register_method("supsup")
+class SupSup(Method):
+    paper = "Wortsman et al., NeurIPS 2020 (arXiv 2006.14769)"
+    tags = frozenset({TASK_ID_AT_TEST})
+    modes: ClassVar[tuple[str, ...]] = ("GG",)
+    constraints = {"output_size": Interval(1, None), "density": Interval(0, 1, "right"),
+                   "epochs": Interval(1, None), "max_steps": Interval(0, None),
+                   "batch_size": Interval(1, None), "lr": Interval(0, None, "neither"),
+                   "weight_decay": Interval(0, None)}
+
+    def __init__(self, backbone, *, mode: Mode = "GG", net: Net = "fc300x300",
+                 output_size: int = 100, mask: Literal["threshold", "topk"] = "threshold",
+                 density: float = 0.5, batchnorm: bool = False, epochs: int = 1,
+                 max_steps: int = 0, batch_size: int = 128,
+                 optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop", lr: float = 1e-4,
+                 weight_decay: float = 0.0, cosine: bool = False):
+        super().__init__(backbone)
+        self.mode = mode
+        self.net = net
+        self.output_size = output_size  # outputs per mask; beyond a task's classes: superfluous
+        self.mask = mask  # threshold: 1[S >= 0]; topk: the `density` largest |S|
+        self.density = density  # fraction of weights kept by topk ("sparsity" officially)
+        self.batchnorm = batchnorm  # non-affine BN with per-task statistics after hidden layers
+        self.epochs = epochs
+        self.max_steps = max_steps  # 0: no cap (official iter_lim, e.g. 1000)
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay  # applied to the scores (official default 1e-4)
+        self.cosine = cosine  # cosine learning rate over each task (GG/GN)
+        self.net_: SupermaskNet | None = None
+        self.seed_ = 0  # the frozen weights are drawn from it
+        self.slot_task_: list[int] = []  # task being learned when each mask was allocated
+        self.slot_classes_: list[tuple[int, ...]] = []  # GG/GN: the classes of each mask
+
+    # -- learning ---------------------------------------------------------------------------
+    def _learn(self, task: Task, ctx: Context) -> None:
+        if self.net_ is None:
+            self._check_mode()
+            self.seed_ = int(torch.randint(2**62, (1,), generator=ctx.generator(0, 7)))
+            self.net_ = self._make_net()
+        self._check_outputs(task)
+        self.net_.to(ctx.device)
+        if self.mode == "NNs":
+            return self._learn_task_free(task, ctx)
+        slot = len(self.slot_task_)
+        self.slot_task_.append(task.id)
+        self.slot_classes_.append(task.classes)
+        scores = self.net_.add_slot(slot)
+        local = {c: i for i, c in enumerate(task.classes)}
+        targets = torch.tensor([local[int(c)] for c in task.train.targets])  # (N,)
+        opt, sched = self._optimizer(scores, self._num_steps(len(task.train)))
+        for pos in self._batches(len(task.train), ctx.generator(task.id, 1)):
+            self._step(opt, sched, task.train, pos, targets, slot, ctx)
+        self.net_.freeze(slot)
+        self.net_.eval()
+
+    def _learn_task_free(self, task: Task, ctx: Context) -> None:
+        """NNs: detect a new mask, or pick the one to train, every ``nns_every`` batches."""
+        targets = torch.from_numpy(task.train.targets)  # shared labels: output j = class j
+        opt = slot = None
+        for b, pos in enumerate(self._batches(len(task.train), ctx.generator(task.id, 1))):
+            if b % self.nns_every == 0:
+                x = self._images(task.train, pos, ctx)
+                slot, new = self._detect(x, task.id)
+                scores = [layer.scores[str(slot)] for layer in self.net_.masked_layers()]
+                if opt is None:
+                    opt, _ = self._optimizer(self._all_scores(), 0, schedule=False)
+                elif new:
+                    opt.add_param_group({"params": scores})
+            self._step(opt, None, task.train, pos, targets, slot, ctx)
+        self.net_.eval()
+
+    def _detect(self, x: torch.Tensor, task_id: int) -> tuple[int, bool]:
+        """(mask to train, whether it is new) by SupSup's gradient-confidence test."""
+        learned = len(self.slot_task_)
+        if learned:
+            n = max(learned, NNS_MIN_SLOTS)
+            alphas = torch.full((n,), 1.0 / n, device=x.device)
+            self.net_.eval()
+            g = -self.net_.alpha_gradients(x, alphas, entropy).mean(0)  # (n,)
+            if float(g.softmax(0).max()) >= self.nns_threshold / n:
+                return int(g[:learned].argmax()), False
+        self.net_.add_slot(learned)
+        self.slot_task_.append(task_id)
+        return learned, True
+
+    def _step(self, opt, sched, split: Split, pos: np.ndarray, targets: torch.Tensor,
+              slot: int, ctx: Context) -> None:
+        self.net_.train()
+        x, y = self._images(split, pos, ctx), targets[pos].to(ctx.device)
+        loss = F.cross_entropy(self.net_(x, slot), y)  # over all outputs, superfluous included
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+    def _optimizer(self, params, steps: int, schedule: bool = True):
+        kind = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
+                "sgd": torch.optim.SGD}[self.optimizer]
+        extra = {"momentum": 0.9} if self.optimizer == "sgd" else {}
+        opt = kind(params, lr=self.lr, weight_decay=self.weight_decay, **extra)
+        use = schedule and self.cosine
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if use else None
+
+    def _num_steps(self, n: int) -> int:
+        steps = self.epochs * math.ceil(n / self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+    def _batches(self, n: int, generator: torch.Generator):
+        """Shuffled batch positions, epoch after epoch, stopping after ``_num_steps``."""
+        left = self._num_steps(n)
+        while left > 0:
+            perm = torch.randperm(n, generator=generator).numpy()
+            for start in range(0, n, self.batch_size):
+                if left == 0:
+                    return
+                left -= 1
+                yield perm[start : start + self.batch_size]
+
+    # -- prediction -------------------------------------------------------------------------
+    def _predict(self, split: Split, ctx: Context, task_ids: np.ndarray) -> torch.Tensor:
+        slots = np.asarray(task_ids)
+        if slots.max() >= len(self.slot_task_):
+            raise ValueError(f"{self.name} has no mask for task {int(slots.max())}")
+        return self._logits(split, ctx, slots)
+
+    @torch.no_grad()
+    def _logits(self, split: Split, ctx: Context, slots: np.ndarray) -> torch.Tensor:
+        """(N, num_classes_): each sample through its slot's mask; other classes NEG."""
+        out = torch.full((len(split), self.num_classes_), NEG)
+        net = self.net_.to(ctx.device).eval()
+        for s in np.unique(slots):
+            rows = np.flatnonzero(slots == s)
+            cols = torch.tensor(self._classes(int(s)))
+            for start in range(0, len(rows), ctx.batch_size):
+                r = rows[start : start + ctx.batch_size]
+                logits = net(self._images(split, r, ctx), int(s))[:, : len(cols)].cpu()  # (B, k)
+                out[torch.from_numpy(r)[:, None], cols[None]] = logits
+        return out
+
+    def _classes(self, slot: int) -> tuple[int, ...]:
+        """Global class of each leading output of ``slot``'s mask."""
+        return tuple(range(self.num_classes_)) if self.mode == "NNs" else self.slot_classes_[slot]
+
+    def _images(self, split: Split, pos: np.ndarray, ctx: Context) -> torch.Tensor:
+        return self.backbone.preprocess(split, pos).to(ctx.device)  # (B, C, S, S)
+
+    # -- building and state -----------------------------------------------------------------
+    def _check_mode(self) -> None:
+        if self.mode not in self.modes:
+            other = "supsup" if self.mode == "GG" else "supsup_gn"
+            raise ConfigError(f"{self.name}.mode = {self.mode!r}: use {other} for mode "
+                              f"{self.mode} ({self.name} runs {', '.join(self.modes)})")
+
+    def _check_outputs(self, task: Task) -> None:
+        need = task.num_seen if self.mode == "NNs" else len(task.classes)
+        if need > self.output_size:
+            raise ConfigError(f"{self.name}: task {task.id} needs {need} outputs; raise "
+                              f"output_size (now {self.output_size})")
+
+    def _make_net(self) -> SupermaskNet:
+        pre = self.backbone.preprocess
+        kw = {"mask": self.mask, "density": self.density}
+        body = build_net(self.net, (pre.channels, pre.size, pre.size), self.output_size,
+                         linear=lambda i, o: MaskedLinear(i, o, **kw),
+                         conv=lambda i, o, k, p: MaskedConv2d(i, o, k, p, **kw),
+                         norm=MultitaskBatchNorm if self.batchnorm else None)
+        return SupermaskNet(body, self.seed_)
+
+    def _all_scores(self) -> list[torch.nn.Parameter]:
+        return [p for layer in self.net_.masked_layers() for p in layer.scores.values()]
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        width = max([len(c) for c in self.slot_classes_], default=0)
+        classes = [list(c) + [-1] * (width - len(c)) for c in self.slot_classes_]
+        classes = torch.tensor(classes, dtype=torch.long).reshape(len(classes), width)  # (T, K)
+        state = {"seed": torch.tensor([self.seed_]), "slot_task": torch.tensor(self.slot_task_),
+                 "slot_classes": classes}
+        slots = range(len(self.slot_task_))
+        for k, layer in enumerate(self.net_.masked_layers()):
+            if self.mode == "NNs":  # task-free masks stay trainable: their scores are the state
+                state |= {f"scores.{k}.{j}": layer.scores[str(j)].detach() for j in slots}
+            else:
+                state[f"masks.{k}"] = pack_masks([layer.frozen(j) for j in slots])
+        for k, norm in enumerate(self.net_.norms()):
+            state[f"bn.{k}.mean"] = torch.stack([norm.stats(j)[0] for j in slots])  # (T, C)
+            state[f"bn.{k}.var"] = torch.stack([norm.stats(j)[1] for j in slots])
+        return state
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.seed_ = int(state["seed"])
+        self.slot_task_ = state["slot_task"].tolist()
+        self.slot_classes_ = [tuple(c for c in row if c >= 0) for row in
+                              state["slot_classes"].tolist()]
+        self.net_ = self._make_net()
+        slots = range(len(self.slot_task_))
+        for k, layer in enumerate(self.net_.masked_layers()):
+            if self.mode == "NNs":
+                for j in slots:
+                    layer.add_slot(j, state[f"scores.{k}.{j}"])
+                continue
+            for j, m in zip(slots, unpack_masks(state[f"masks.{k}"], layer.shape), strict=True):
+                layer.freeze(j, m)
+        for k, norm in enumerate(self.net_.norms()):
+            for j in slots:
+                norm.add_slot(j, state[f"bn.{k}.mean"][j], state[f"bn.{k}.var"][j])
+
+    def parameter_counts(self) -> dict[str, int]:
+        """trainable: what the tasks learned (mask entries, 1 bit each, or NNs float scores,
+        plus per-task BN statistics); total adds the frozen random weights, which are
+        regenerated from a seed and never stored."""
+        backbone = count(self.backbone.model)
+        if self.net_ is None:
+            return {"trainable": 0, "total": backbone}
+        weights = sum(layer.num_weights for layer in self.net_.masked_layers())
+        stats = 2 * sum(norm.num_features for norm in self.net_.norms())
+        learned = len(self.slot_task_) * (weights + stats)
+        return {"trainable": learned, "total": backbone + weights + learned}
+
+
+@register_method("supsup_gn")
+class SupSupGN(SupSup):
+    """SupSup without the task id at test: GN (task inferred) or NNs (task-free)."""
+
+    tags = frozenset()
+    modes = ("GN", "NNs")
+    constraints = SupSup.constraints | {"examples": Interval(1, None),
+                                        "nns_threshold": Interval(0, None, "neither"),
+                                        "nns_every": Interval(1, None)}
+
+    def __init__(self, backbone, *, mode: Mode = "GN", net: Net = "fc300x300",
+                 output_size: int = 100, mask: Literal["threshold", "topk"] = "threshold",
+                 density: float = 0.5, batchnorm: bool = False, epochs: int = 1,
+                 max_steps: int = 0, batch_size: int = 128,
+                 optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop", lr: float = 1e-4,
+                 weight_decay: float = 0.0, cosine: bool = False,
+                 inference: Literal["oneshot", "binary"] = "oneshot",
+                 objective: Literal["entropy", "superfluous"] = "entropy",
+                 per_batch: bool = False, examples: int = 1, nns_threshold: float = 1.125,
+                 nns_every: int = 100):
+        super().__init__(backbone, mode=mode, net=net, output_size=output_size, mask=mask,
+                         density=density, batchnorm=batchnorm, epochs=epochs,
+                         max_steps=max_steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                         weight_decay=weight_decay, cosine=cosine)
+        self.inference = inference  # one-shot argmin, or binary search (halving by the median)
+        self.objective = objective  # entropy (H) or superfluous-neuron logsumexp (G)
+        self.per_batch = per_batch  # official protocol: one inference per test batch (labelled)
+        self.examples = examples  # per_batch: samples of the batch used (data_to_repeat)
+        self.nns_threshold = nns_threshold  # NNs: new mask when max softmax(g) < this / n
+        self.nns_every = nns_every  # NNs: batches between two detections
+
+    @property
+    def uses_batch_information(self) -> bool:
+        return self.per_batch
+
+    def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
+        return self._logits(split, ctx, self._infer_slots(split, ctx))
+
+    def infer_task(self, split: Split, ctx: Context) -> np.ndarray:
+        """(N,) inferred task ids (NNs: the task during which the inferred mask was allocated)."""
+        return np.asarray(self.slot_task_)[self._infer_slots(split, ctx)]
+
+    def _infer_slots(self, split: Split, ctx: Context) -> np.ndarray:
+        bs = self.batch_size if self.per_batch else ctx.batch_size
+        slots = np.zeros(len(split), dtype=np.int64)
+        self.net_.to(ctx.device).eval()
+        for start in range(0, len(split), bs):
+            pos = np.arange(start, min(len(split), start + bs))
+            x = self._images(split, pos, ctx)
+            x = x[: self.examples] if self.per_batch else x
+            slots[pos] = self._infer(x, joint=self.per_batch).cpu().numpy()  # (B,) or (1,)
+        return slots
+
+    def _infer(self, x: torch.Tensor, joint: bool) -> torch.Tensor:
+        """Slot per sample (B,), or one slot (1,) for the mean objective of the batch."""
+        learned = len(self.slot_task_)
+        alive = torch.ones(1 if joint else len(x), learned, dtype=torch.bool, device=x.device)
+        rounds = 1 if self.inference == "oneshot" else math.ceil(math.log2(learned)) + 1
+        for _ in range(rounds):
+            if (alive.sum(1) == 1).all():
+                break
+            for pattern in alive.unique(dim=0):
+                if pattern.sum() == 1:
+                    continue
+                rows = (alive == pattern).all(1)  # samples whose candidates are `pattern`
+                alphas = pattern.float() / pattern.sum()  # (T,)
+                g = self.net_.alpha_gradients(x if joint else x[rows], alphas, self._objective())
+                g = g.mean(0, keepdim=True) if joint else g  # (b, T)
+                alive[rows] = self._survivors(g, pattern)
+        return alive.float().argmax(1)  # the (first) surviving slot
+
+    def _survivors(self, g: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        """One-shot: the argmin; binary: the candidates with g <= their median."""
+        g = g.masked_fill(~pattern, float("inf"))  # never an unlearned or dropped slot
+        if self.inference == "oneshot":
+            return F.one_hot(g.argmin(1), len(pattern)).bool()
+        median = g[:, pattern].median(1, keepdim=True).values  # lower median (torch, official)
+        return (g <= median) & pattern
+
+    def _objective(self):
+        if self.objective == "entropy":
+            return entropy
+        real = self.num_classes_ if self.mode == "NNs" else max(map(len, self.slot_classes_))
+        return superfluous_logsumexp(real)
