@@ -5,9 +5,9 @@ W = (G + λI)⁻¹ Q equals a joint ridge regression on all data, whatever the t
 (McDonnell et al., RanPAC, NeurIPS 2023, Alg. 1).
 
 ``lambda_path_errors`` scores every candidate λ on a held-out part at the cost of one
-factorisation of the training part instead of one dense solve per λ: with the thin SVD
-H = U S Vᵀ (when n < M) W(λ) = V diag(s / (s² + λ)) Uᵀ Y, and with the eigendecomposition
-HᵀH = V diag(e) Vᵀ (when n ≥ M) W(λ) = V diag(1 / (e + λ)) Vᵀ HᵀY. Both are exact.
+eigendecomposition of the training part instead of one dense solve per λ: of HHᵀ (n x n) when
+there are fewer samples than features, W(λ) = Hᵀ U diag(1/(e + λ)) Uᵀ Y (the push-through
+identity), else of HᵀH = V diag(e) Vᵀ with W(λ) = V diag(1/(e + λ)) Vᵀ HᵀY. Both are exact.
 """
 
 from __future__ import annotations
@@ -49,41 +49,41 @@ class RidgeStatistics:
         self.gram, self.cross = state[f"{prefix}gram"].double(), state[f"{prefix}cross"].double()
 
 
-def _factorise(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(basis (M, r), projected targets (r, C), is_svd) of the training part."""
-    if h.shape[0] < h.shape[1]:
-        u, s, vh = torch.linalg.svd(h, full_matrices=False)  # (N, r), (r,), (r, M)
-        return vh.T, s, u.T @ y  # W(λ) = V diag(s / (s² + λ)) Uᵀ Y
-    e, v = torch.linalg.eigh(h.T @ h)  # (M,), (M, M)
-    return v, e.clamp_min(0), v.T @ (h.T @ y)  # W(λ) = V diag(1 / (e + λ)) Vᵀ HᵀY
+def _factorise(h: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Eigendecomposition of the smaller Gram matrix of ``h`` (N, M): (vectors, eigenvalues,
+    targets projected on them, dual). Dual (N < M): HHᵀ = U diag(e) Uᵀ and
+    W(λ) = Hᵀ U diag(1/(e+λ)) Uᵀ Y; primal: HᵀH = V diag(e) Vᵀ and W(λ) = V diag(1/(e+λ)) Vᵀ HᵀY.
+    """
+    dual = h.shape[0] < h.shape[1]
+    e, vec = torch.linalg.eigh(h @ h.T if dual else h.T @ h)  # (r,), (r, r)
+    proj = vec.T @ (y if dual else h.T @ y)  # (r, C)
+    return vec, e.clamp_min(0), proj, dual
 
 
-def _scales(spectrum: torch.Tensor, svd: bool, lambdas: tuple[float, ...]) -> torch.Tensor:
+def _scales(e: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
     lam = torch.tensor(lambdas, dtype=torch.float64).view(-1, 1)  # (L, 1)
-    return spectrum / (spectrum**2 + lam) if svd else 1.0 / (spectrum + lam)  # (L, r)
+    return 1.0 / (e + lam)  # (L, r)
 
 
 def ridge_path(h: torch.Tensor, y: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
     """(L, M, C) ridge solutions of ``h`` (N, M) onto targets ``y`` (N, C) for every λ, from a
-    single factorisation."""
+    single eigendecomposition."""
     h, y = h.double(), y.double()
-    svd = h.shape[0] < h.shape[1]
-    basis, spectrum, proj = _factorise(h, y)
-    scale = _scales(spectrum, svd, lambdas)  # (L, r)
-    return basis.unsqueeze(0) @ (scale.unsqueeze(-1) * proj.unsqueeze(0))  # (L, M, C)
+    vec, e, proj, dual = _factorise(h, y)
+    basis = h.T @ vec if dual else vec  # (M, r)
+    return basis.unsqueeze(0) @ (_scales(e, lambdas).unsqueeze(-1) * proj.unsqueeze(0))
 
 
 def lambda_path_errors(h_train: torch.Tensor, y_train: torch.Tensor, h_val: torch.Tensor,
                        y_val: torch.Tensor, lambdas: tuple[float, ...]) -> torch.Tensor:
     """(L,) mean squared error on the held-out part of the ridge head fitted for each λ; the
     heads themselves are never formed (validation features are projected on the basis once)."""
-    h_train, y_train = h_train.double(), y_train.double()
-    svd = h_train.shape[0] < h_train.shape[1]
-    basis, spectrum, proj = _factorise(h_train, y_train)
-    val = h_val.double() @ basis  # (N_val, r)
-    scale = _scales(spectrum, svd, lambdas)  # (L, r)
-    pred = val.unsqueeze(0) @ (scale.unsqueeze(-1) * proj.unsqueeze(0))  # (L, N_val, C)
-    return ((pred - y_val.double()) ** 2).mean(dim=(1, 2))
+    h_train, y_train, h_val = h_train.double(), y_train.double(), h_val.double()
+    vec, e, proj, dual = _factorise(h_train, y_train)
+    val = (h_val @ h_train.T) @ vec if dual else h_val @ vec  # (N_val, r)
+    pred = val.unsqueeze(0) @ (_scales(e, lambdas).unsqueeze(-1) * proj.unsqueeze(0))
+    return ((pred - y_val.double()) ** 2).mean(dim=(1, 2))  # pred: (L, N_val, C)
 
 
 def select_lambda(h: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator,
