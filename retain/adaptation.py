@@ -78,3 +78,31 @@ def restore_adapted(base: Backbone, peft: Peft, state: dict[str, torch.Tensor],
     tuned = attach(model, peft, **(options or {}))
     tuned.load_state_dict(state)
     return adapted_backbone(base, model, peft), tuned
+
+
+def adapt_for(method, task, ctx: Context, options: dict | None = None
+              ) -> tuple[Backbone, nn.Module | None]:
+    """First-session adaptation with a method's own hyper-parameters (``peft``, ``epochs``,
+    ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``augment``); the pre-trained
+    backbone and no trained module when ``peft`` is 'none' or ``epochs`` is 0."""
+    if method.peft == "none" or method.epochs == 0:
+        return method.backbone, None
+    return adapt_first_session(
+        method.backbone, task.train, task.classes, ctx, peft=method.peft, epochs=method.epochs,
+        lr=method.lr, batch_size=method.batch_size, weight_decay=method.weight_decay,
+        momentum=method.momentum, augment=method.augment, generator=ctx.generator(0, 9),
+        options=options)
+
+
+def tuned_state(tuned: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The trained module's tensors under the prefix ``tuned.`` (nothing without one)."""
+    return {} if tuned is None else {f"tuned.{k}": v for k, v in tuned.state_dict().items()}
+
+
+def load_tuned(base: Backbone, peft: str, state: dict[str, torch.Tensor],
+               options: dict | None = None) -> tuple[Backbone, nn.Module | None]:
+    """The adapted backbone saved by ``tuned_state``, or ``base`` when nothing was trained."""
+    tuned = {k[6:]: v for k, v in state.items() if k.startswith("tuned.")}
+    if not tuned:
+        return base, None
+    return restore_adapted(base, peft, tuned, options)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from ..adaptation import adapt_first_session, restore_adapted
+from ..adaptation import adapt_for, load_tuned, tuned_state
 from ..backbones import Backbone
 from ..context import Context
 from ..datasets.base import Split
@@ -63,11 +63,7 @@ class APER(Method):
 
     def _learn(self, task: Task, ctx: Context) -> None:
         if task.id == 0:
-            self.adapted_, self.tuned_ = adapt_first_session(
-                self.backbone, task.train, task.classes, ctx, peft=self.peft,
-                epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                weight_decay=self.weight_decay, momentum=self.momentum, augment=self.augment,
-                generator=ctx.generator(0, 9), options=self._options())
+            self.adapted_, self.tuned_ = adapt_for(self, task, ctx, self._options())
             self.head_ = CosineHead(2 * self.backbone.feature_dim, learn_sigma=False)
         if task.new_classes:
             feats = self._features(task.train, ctx)  # (N, 2D)
@@ -83,13 +79,11 @@ class APER(Method):
         return self.head_(self._features(split, ctx))  # (N, C)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        tuned = {f"tuned.{k}": v for k, v in self.tuned_.state_dict().items()}
-        return {"prototypes": self.head_.weight.data, **tuned}
+        return {"prototypes": self.head_.weight.data, **tuned_state(self.tuned_)}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        tuned = {k[6:]: v for k, v in state.items() if k.startswith("tuned.")}
-        self.adapted_, self.tuned_ = restore_adapted(self.backbone, self.peft, tuned,
-                                                     self._options())
+        self.adapted_, self.tuned_ = load_tuned(self.backbone, self.peft, state,
+                                                self._options())
         self.head_ = CosineHead(2 * self.backbone.feature_dim, learn_sigma=False)
         self.head_.append(state["prototypes"])
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from ..adaptation import adapt_first_session, restore_adapted
+from ..adaptation import adapt_for, load_tuned, tuned_state
 from ..backbones import Backbone
 from ..context import Context
 from ..datasets.base import Split
@@ -64,7 +64,8 @@ class LayUP(Method):
 
     def _learn(self, task: Task, ctx: Context) -> None:
         if task.id == 0:
-            self.body_ = multilayer_backbone(self._adapt(task, ctx), self.layers)
+            body, self.tuned_ = adapt_for(self, task, ctx, PEFT_OPTIONS.get(self.peft))
+            self.body_ = multilayer_backbone(body, self.layers)
             self.stats_ = RidgeStatistics(self.body_.feature_dim)
         x = ctx.features(self.body_, task.train)  # (N, k·D)
         y = torch.from_numpy(task.train.targets)
@@ -73,34 +74,18 @@ class LayUP(Method):
         self.stats_.update(x, y, task.num_seen)
         self.weights_ = self.stats_.solve(lam).float()
 
-    def _adapt(self, task: Task, ctx: Context) -> Backbone:
-        if self.peft == "none" or self.epochs == 0:
-            return self.backbone
-        body, self.tuned_ = adapt_first_session(
-            self.backbone, task.train, task.classes, ctx, peft=self.peft, epochs=self.epochs,
-            lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-            momentum=self.momentum, augment=self.augment, generator=ctx.generator(0, 9),
-            options=PEFT_OPTIONS.get(self.peft))
-        return body
-
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
         return ctx.features(self.body_, split) @ self.weights_  # (N, C)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        state = {"weights": self.weights_, "lambdas": torch.tensor(self.lambdas_),
-                 **self.stats_.state("ridge.")}
-        if self.tuned_ is not None:
-            state |= {f"tuned.{k}": v for k, v in self.tuned_.state_dict().items()}
-        return state
+        return {"weights": self.weights_, "lambdas": torch.tensor(self.lambdas_),
+                **self.stats_.state("ridge."), **tuned_state(self.tuned_)}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.weights_ = state["weights"]
         self.lambdas_ = state["lambdas"].tolist()
-        tuned = {k[6:]: v for k, v in state.items() if k.startswith("tuned.")}
-        body, self.tuned_ = self.backbone, None
-        if tuned:
-            body, self.tuned_ = restore_adapted(self.backbone, self.peft, tuned,
-                                                PEFT_OPTIONS.get(self.peft))
+        body, self.tuned_ = load_tuned(self.backbone, self.peft, state,
+                                       PEFT_OPTIONS.get(self.peft))
         self.body_ = multilayer_backbone(body, self.layers)
         self.stats_ = RidgeStatistics(self.body_.feature_dim)
         self.stats_.load(state, "ridge.")

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..adaptation import adapt_first_session, restore_adapted
+from ..adaptation import adapt_for, load_tuned, tuned_state
 from ..backbones import Backbone
 from ..context import Context
 from ..datasets.base import Split
@@ -66,7 +66,7 @@ class RanPAC(Method):
     def _learn(self, task: Task, ctx: Context) -> None:
         if task.id == 0:
             self.seed_ = int(torch.randint(0, 2**31, (1,), generator=ctx.generator(0, 7)))
-            self.body_ = self._adapt(task, ctx)
+            self.body_, self.tuned_ = adapt_for(self, task, ctx)
             self.stats_ = RidgeStatistics(self._dim())
         h = self._project(ctx.features(self.body_, task.train))  # (N, M)
         y = torch.from_numpy(task.train.targets)
@@ -74,15 +74,6 @@ class RanPAC(Method):
         self.lambdas_.append(lam)
         self.stats_.update(h, y, task.num_seen)
         self.weights_ = self.stats_.solve(lam).float()  # (M, C)
-
-    def _adapt(self, task: Task, ctx: Context) -> Backbone:
-        if self.peft == "none" or self.epochs == 0:
-            return self.backbone
-        body, self.tuned_ = adapt_first_session(
-            self.backbone, task.train, task.classes, ctx, peft=self.peft, epochs=self.epochs,
-            lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-            momentum=self.momentum, augment=self.augment, generator=ctx.generator(0, 9))
-        return body
 
     def _dim(self) -> int:
         return self.projection_dim or self.backbone.feature_dim
@@ -106,12 +97,9 @@ class RanPAC(Method):
 
     # -- state ----------------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
-        state = {"seed": torch.tensor(self.seed_), "weights": self.weights_,
-                 "lambdas": torch.tensor(self.lambdas_, dtype=torch.float64),
-                 **self.stats_.state("ridge.")}
-        if self.tuned_ is not None:
-            state |= {f"tuned.{k}": v for k, v in self.tuned_.state_dict().items()}
-        return state
+        return {"seed": torch.tensor(self.seed_), "weights": self.weights_,
+                "lambdas": torch.tensor(self.lambdas_, dtype=torch.float64),
+                **self.stats_.state("ridge."), **tuned_state(self.tuned_)}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.seed_ = int(state["seed"])
@@ -119,10 +107,7 @@ class RanPAC(Method):
         self.lambdas_ = state["lambdas"].tolist()
         self.stats_ = RidgeStatistics(self._dim())
         self.stats_.load(state, "ridge.")
-        tuned = {k[6:]: v for k, v in state.items() if k.startswith("tuned.")}
-        self.body_, self.tuned_ = self.backbone, None
-        if tuned:
-            self.body_, self.tuned_ = restore_adapted(self.backbone, self.peft, tuned)
+        self.body_, self.tuned_ = load_tuned(self.backbone, self.peft, state)
 
     def parameter_counts(self) -> dict[str, int]:
         tuned = 0 if self.tuned_ is None else count(self.tuned_, trainable_only=False)
