@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .context import Context
 from .datasets.base import Split
+from .transforms import Augment
 
 Inputs = Callable[[np.ndarray], torch.Tensor]
 
@@ -26,8 +27,13 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         lr: float | None = None, batch_size: int, weight_decay: float = 0.0,
         momentum: float = 0.9, generator: torch.Generator, loss_fn: Callable | None = None,
         desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> list[float]:
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        clip_grad: float | None = None) -> list[float]:
     """Train ``model``'s trainable parameters; returns the mean loss of each epoch.
+
+    ``inputs(pos)`` gives a tensor or a tuple of tensors (then ``model(*x)``, e.g. images and
+    their queries for prompt methods); ``loss_fn(output, y)``. ``clip_grad``: clip the global
+    gradient norm to this value before each step.
 
     Give ``lr`` (SGD over the trainable parameters, cosine to 0 over every step), or your own
     ``optimizer`` (e.g. parameter groups with their own learning rates; ``weight_decay`` and
@@ -45,10 +51,13 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         total = 0.0
         for start in range(0, n, batch_size):
             pos = perm[start : start + batch_size]
-            x, y = inputs(pos).to(ctx.device), targets[pos].to(ctx.device)
-            loss = loss_fn(model(x), y)
+            x, y = _to(inputs(pos), ctx.device), targets[pos].to(ctx.device)
+            loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad is not None:
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                         clip_grad)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -56,6 +65,10 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         losses.append(total / n)
     model.eval()
     return losses
+
+
+def _to(x, device):
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
 
 def _optimizer(model, steps, lr, weight_decay, momentum, optimizer, scheduler):
@@ -83,10 +96,43 @@ def feature_inputs(features: torch.Tensor) -> Inputs:
 
 @torch.no_grad()
 def predict_batches(model: nn.Module, inputs: Inputs, n: int, ctx: Context) -> torch.Tensor:
-    """Outputs of ``model`` on all ``n`` inputs, in order, batch by batch, on the CPU."""
+    """Outputs of ``model`` on all ``n`` inputs, in order, batch by batch, on the CPU (the first
+    output where the model returns a tuple, e.g. (logits, auxiliary loss))."""
     model.to(ctx.device).eval()
     out = []
     for start in range(0, n, ctx.batch_size):
         pos = np.arange(start, min(n, start + ctx.batch_size))
-        out.append(model(inputs(pos).to(ctx.device)).float().cpu())
+        x = _to(inputs(pos), ctx.device)
+        y = model(*x) if isinstance(x, tuple) else model(x)
+        out.append((y[0] if isinstance(y, tuple) else y).float().cpu())  # the logits
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, classes) -> torch.Tensor:
+    """Cross-entropy where only ``classes`` (the current task's) compete: every other logit is
+    set to -inf (L2P, DualPrompt, CODA-Prompt and DAP train this way; old rows get no gradient).
+    """
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[list(classes)] = True
+    return F.cross_entropy(logits.masked_fill(~keep, float("-inf")), targets)
+
+
+def query_inputs(backbone: Backbone, split: Split, ctx: Context, *,
+                 augment: Augment | None = None, generator: torch.Generator | None = None
+                 ) -> Inputs:
+    """Positions -> (images (B, 3, S, S), queries (B, D)), the query being the frozen
+    backbone's feature of the very image the model sees. Without augmentation the queries are
+    the cached features of ``split`` (no extra pass); with it, one frozen no-grad pass on the
+    augmented batch (what L2P-style training costs: 1F per epoch)."""
+    cached = None if augment is not None else ctx.features(backbone, split)  # (N, D)
+
+    def inputs(pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = backbone.preprocess(split, pos)  # (B, 3, S, S)
+        if cached is not None:
+            return x, cached[torch.from_numpy(pos)]
+        x = augment(x, generator)
+        with torch.no_grad():
+            q = backbone.model.to(ctx.device).eval()(x.to(ctx.device)).float()  # (B, D)
+        return x, q
+
+    return inputs

@@ -62,6 +62,14 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every parameter frozen, in eval mode: the trunk that a
+    method prompts or injects into, leaving the backbone it was given untouched."""
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
 def factory_kwargs(vit: nn.Module) -> dict:
     """Device and dtype of the ViT's weights, for new PEFT parameters."""
     p = next(vit.parameters())
