@@ -250,6 +250,32 @@ def pixels_rgb(weights=None, image_size=None) -> Backbone:
                    (0.2673, 0.2564, 0.2762), gray=False)
 
 
+@register_backbone("resnet18_reduced")
+def resnet18_reduced(weights=None, image_size=None) -> Backbone:
+    """GEM's reduced ResNet-18 (nf = 20, 160-d features), randomly initialised (seeded) for
+    training from scratch, on CIFAR-normalised RGB images (S = 32); ``--weights`` loads a
+    state dict saved from it."""
+    from .layers.resnet import ReducedResNet18
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ReducedResNet18()
+    if weights:
+        _require_file(Path(weights), "resnet18_reduced")
+        if str(weights).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(weights)))
+        else:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    pre = Preprocess(image_size or 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                     crop_pct=1.0, interpolation="bilinear")
+    ident = {"name": "resnet18_reduced", "source": "retain (seeded random init, GEM's network)",
+             "weights": str(weights) if weights else None, "sha256": sha256_state(model),
+             "pretrained": bool(weights)}
+    return Backbone("resnet18_reduced", model.eval(), model.feature_dim, pre, ident)
+
+
 def _pixels(name: str, size: int, mean, std, gray: bool) -> Backbone:
     pre = Preprocess(size, mean, std, crop_pct=1.0, interpolation="bilinear", gray=gray)
     dim = pre.channels * size * size
