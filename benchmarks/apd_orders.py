@@ -16,6 +16,9 @@ On other datasets (n blocks of consecutive labels) the official Split orders res
     python benchmarks/apd_orders.py --dataset cifar100 --data-root ~/data --superclass \\
         --param l1=6e-4                                                           # 20 x 5
 
+A single order can also be run with the CLI: ``retain run --method apd --scenario TIL-B0Inc2
+--task-order B`` (the same orders, from ``retain.scenarios.orders``).
+
 Results are printed and written to ``benchmarks/results/apd_orders_<dataset>.json``.
 """
 
@@ -33,17 +36,8 @@ from retain.context import Context, resolve_device
 from retain.datasets.base import DataBundle
 from retain.evaluation import evaluate
 from retain.methods import create_method
+from retain.scenarios.orders import SPLIT_ORDERS, SUPERCLASS_ORDERS
 from retain.scenarios.streams import CIFAR100_SUPERCLASSES, TaskIncremental
-
-SPLIT_ORDERS = {"A": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "B": [1, 7, 4, 5, 2, 0, 8, 6, 9, 3],
-                "C": [7, 0, 5, 1, 8, 4, 3, 6, 2, 9], "D": [5, 8, 2, 9, 0, 4, 3, 7, 6, 1],
-                "E": [2, 9, 5, 4, 8, 0, 6, 1, 3, 7]}
-SUPERCLASS_ORDERS = {
-    "A": list(range(20)),
-    "B": [15, 12, 5, 9, 7, 16, 18, 17, 1, 0, 3, 8, 11, 14, 10, 6, 2, 4, 13, 19],
-    "C": [17, 1, 19, 18, 12, 7, 6, 0, 11, 15, 10, 5, 13, 3, 9, 16, 4, 14, 2, 8],
-    "D": [11, 9, 6, 5, 12, 4, 0, 10, 13, 7, 14, 3, 15, 16, 8, 1, 2, 19, 18, 17],
-    "E": [6, 14, 0, 11, 12, 17, 13, 4, 9, 1, 7, 19, 8, 10, 3, 15, 18, 5, 2, 16]}
 
 
 def blocks_and_orders(bundle: DataBundle, superclass: bool, size: int

@@ -13,6 +13,7 @@ RUN_FLAGS = {  # flag -> (config key, type, help)
     "--dataset": ("dataset", str, "dataset name (retain list datasets)"),
     "--data-root": ("data_root", str, "folder holding the dataset"),
     "--scenario": ("scenario", str, "B{m}Inc{n}, e.g. B0Inc10"),
+    "--task-order": ("task_order", str, "A-E (APD's official orders) or task indices '2,0,1'"),
     "--backbone": ("backbone", str, "backbone name (retain list backbones)"),
     "--weights": ("weights", str, "local weights file (.safetensors, .npz, .pth)"),
     "--image-size": ("image_size", int, "input resolution (default: the backbone's)"),

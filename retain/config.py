@@ -26,6 +26,7 @@ class RunConfig:
     dataset: str = "mnist5k"  # a name from `retain list datasets`
     data_root: str | None = None  # folder holding the dataset (real benchmarks)
     scenario: str = "B0Inc2"  # B{m}Inc{n}, TIL-B{m}Inc{n}, Superclass-CIL/-TIL, Permuted{n}, ...
+    task_order: str | None = None  # A-E (APD's official orders) or "2,0,1,..."; None: as built
     backbone: str = "efficientnet_lite0"  # a name from `retain list backbones`
     weights: str | None = None  # local weights file instead of the backbone's default source
     image_size: int | None = None  # input resolution; None: the backbone's own
@@ -44,7 +45,9 @@ class RunConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.method}-{self.dataset}-{self.scenario}-s{self.seed}")
+        order = f"-order{self.task_order.replace(',', '.')}" if self.task_order else ""
+        return Path(self.out or f"runs/{self.method}-{self.dataset}-{self.scenario}{order}"
+                    f"-s{self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

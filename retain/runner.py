@@ -32,6 +32,7 @@ from .io import read_json, read_tensors, write_json, write_tensors
 from .methods import METHODS, Method, create_method
 from .params import validate
 from .scenarios import make_scenario
+from .scenarios.orders import with_task_order
 
 
 @dataclass
@@ -49,6 +50,8 @@ def build(config: RunConfig) -> Run:
     validate(METHODS.get(config.method), config.params, what=config.method)
     bundle = create_dataset(config.dataset, config.data_root).load()
     scenario = make_scenario(bundle, config.scenario, seed=config.seed)
+    if config.task_order:
+        scenario = with_task_order(scenario, config.task_order)
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
     method = create_method(config.method, backbone, **config.params)
     cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
