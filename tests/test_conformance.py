@@ -25,6 +25,8 @@ FAST: dict[str, dict] = {
     "finetune": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "joint": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "aper": {"peft": "finetune", "epochs": 2, "batch_size": 8},
+    "dualprompt": {"g_layers": (0,), "e_layers": (1,), "g_length": 2, "e_length": 2,
+                   "epochs": 8, "lr": 0.01, "batch_size": 4, "augment": False, "pool_size": 4},
     "l2p": {"epochs": 8, "lr": 0.01, "batch_size": 4, "augment": False, "pool_size": 4,
             "top_k": 2, "prompt_length": 2, "head_type": "token"},
     "layup": {"peft": "finetune", "epochs": 1, "batch_size": 8, "layers": 2},
