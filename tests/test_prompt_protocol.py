@@ -47,7 +47,7 @@ def test_task_pure_batches_give_the_per_sample_logits(name, tiny_vit, scenario):
 def test_a_batch_vote_is_labelled_in_results_and_show(name, tiny_vit, tmp_path, capsys):
     assert create_method(name, tiny_vit, **{VOTES[name]: True}).uses_batch_information
     params = [f"params.{k}={v}" for k, v in FAST[name].items() if not isinstance(v, tuple)]
-    params += [f"params.{k}={','.join(map(str, v))}" for k, v in FAST[name].items()
+    params += [f"params.{k}=[{','.join(map(str, v))}]" for k, v in FAST[name].items()
                if isinstance(v, tuple)]
     flags = {"dataset": "digits", "backbone": "vit_tiny_random", "method": name,
              "scenario": "B0Inc5", "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "c")}
