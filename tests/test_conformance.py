@@ -40,6 +40,8 @@ FAST: dict[str, dict] = {
     "den": {"hidden": (32, 16), "steps": 40, "batch_size": 8},
     "supsup": {"epochs": 10, "lr": 0.01, "batch_size": 8},
     "supsup_gn": {"epochs": 10, "lr": 0.01, "batch_size": 8},
+    "sprompts": {"prompt_length": 2, "epochs": 8, "init_epochs": 8, "lr": 0.05, "init_lr": 0.05,
+                 "batch_size": 8, "augment": False, "num_centroids": 2},
 }
 ALL = METHODS.names()
 
@@ -51,6 +53,7 @@ STREAMS: dict[str, tuple[str, str]] = {
     "den": ("pixels", "TIL-B0Inc2"),
     "supsup": ("pixels", "TIL-B0Inc2"),
     "supsup_gn": ("pixels", "B0Inc2"),
+    "sprompts": ("vit_tiny_random", "Rotated3"),
 }
 
 

@@ -2,11 +2,19 @@
 
 Offline datasets (``mnist5k``, ``digits``, ``fashion_mnist``) live in ``offline``; the real
 benchmarks read from ``--data-root`` (``cifar100``, ``imagenet_r``, ``imagenet_a``, ``cub200``,
-``objectnet``, ``omnibenchmark``, ``vtab``, ``imagefolder``) live in ``folders``.
+``objectnet``, ``omnibenchmark``, ``vtab``, ``imagefolder``, ``domainnet``) live in ``folders``.
 """
 
 from . import folders, offline
-from .base import DATASETS, DataBundle, Dataset, Split, create_dataset, register_dataset
+from .base import (
+    DATASETS,
+    DataBundle,
+    Dataset,
+    Domains,
+    Split,
+    create_dataset,
+    register_dataset,
+)
 
-__all__ = ["DATASETS", "DataBundle", "Dataset", "Split", "create_dataset", "folders", "offline",
-           "register_dataset"]
+__all__ = ["DATASETS", "DataBundle", "Dataset", "Domains", "Split", "create_dataset", "folders",
+           "offline", "register_dataset"]

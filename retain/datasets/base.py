@@ -86,15 +86,43 @@ def content_key(data: np.ndarray) -> str:
     return h.hexdigest()[:20]
 
 
+@dataclass(frozen=True, eq=False)
+class Domains:
+    """The domain of every sample of a bundle: ``names[d]`` is domain d; ``train`` (N_train,)
+    and ``test`` (N_test,) int64 domain ids, aligned with the bundle's splits."""
+
+    names: tuple[str, ...]
+    train: np.ndarray
+    test: np.ndarray
+
+    def __post_init__(self):
+        for part in ("train", "test"):
+            ids = np.asarray(getattr(self, part), dtype=np.int64)
+            if len(ids) and not 0 <= ids.min() <= ids.max() < len(self.names):
+                raise ValueError(f"{part} domain ids must lie in 0..{len(self.names) - 1}")
+            object.__setattr__(self, part, ids)
+
+
 @dataclass(frozen=True)
 class DataBundle:
-    """A loaded dataset: train and test splits and the class names (label i = class_names[i])."""
+    """A loaded dataset: train and test splits and the class names (label i = class_names[i]).
+
+    ``domains``: the domain of every sample, for datasets made of several domains over one label
+    space (DomainNet); None for all others.
+    """
 
     name: str
     train: Split
     test: Split
     class_names: tuple[str, ...]
     source: dict = field(default_factory=dict)  # where it came from (paths, package versions)
+    domains: Domains | None = None
+
+    def __post_init__(self):
+        d = self.domains
+        if d is not None and (len(d.train), len(d.test)) != (len(self.train), len(self.test)):
+            raise ValueError(f"{len(d.train)}/{len(d.test)} domain labels for "
+                             f"{len(self.train)}/{len(self.test)} train/test samples")
 
     @property
     def num_classes(self) -> int:

@@ -3,7 +3,10 @@
 ``cifar100`` reads the ``cifar-100-python`` pickles (downloading them with torchvision when
 absent). The pre-trained-model CIL benchmarks of the APER / PILOT survey (ImageNet-R, ImageNet-A,
 CUB-200, ObjectNet, OmniBenchmark, VTAB) and ``imagefolder`` share one reader of the
-``{train,test}/<class>/<image>`` layout; their images stay on disk as paths.
+``{train,test}/<class>/<image>`` layout; their images stay on disk as paths. ``domainnet`` reads
+the six DomainNet domains with the official ``<domain>_{train,test}.txt`` lists (as S-Prompts)
+and labels every sample with its domain, for the ``Domains`` scenario. CORe50 and CDDB, the
+other S-Prompts benchmarks, are not supported yet.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import DataBundle, Dataset, Split, register_dataset
+from .base import DataBundle, Dataset, Domains, Split, register_dataset
 
 # The extensions torchvision's ImageFolder accepts (case-insensitive), as APER/PILOT read them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -298,3 +301,95 @@ class ImageFolder(FolderBenchmark):
 
     def how_to_get(self) -> str:
         return "Put your own images there, one folder per class, the same classes in both."
+
+
+# ------------------------------------------------------------------------------------ DomainNet
+
+DOMAINNET_URL = "http://ai.bu.edu/M3SDA/"
+
+
+def read_image_list(path: Path) -> tuple[list[str], list[int]]:
+    """Relative paths and labels from a DomainNet list (``<domain>/<class>/<file> <label>``)."""
+    paths, labels = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise DataError(f"{path}:{n}: expected '<image path> <label>', got "
+                                f"{line.strip()!r}")
+            paths.append(fields[0])
+            labels.append(int(fields[1]))
+    return paths, labels
+
+
+def names_from_paths(paths: list[str], labels: list[int], num_classes: int) -> tuple[str, ...]:
+    """Class names from the ``<domain>/<class>/<file>`` paths (label i -> its folder name)."""
+    names: dict[int, str] = {}
+    for p, y in zip(paths, labels, strict=True):
+        parts = p.split("/")
+        name = parts[1] if len(parts) >= 3 else str(y)
+        if names.setdefault(y, name) != name:
+            raise DataError(f"domainnet: label {y} names both {names[y]!r} and {name!r}")
+    missing = sorted(set(range(num_classes)) - set(names))
+    if missing or len(names) != num_classes:
+        raise DataError(f"domainnet: the train lists hold labels {sorted(names)[:3]}..., "
+                        f"expected exactly 0..{num_classes - 1} (missing {missing[:10]})")
+    return tuple(names[i] for i in range(num_classes))
+
+
+@register_dataset("domainnet")
+class DomainNet(Dataset):
+    """DomainNet (Peng et al., ICCV 2019), 345 classes in six domains, with the official
+    ``<domain>_{train,test}.txt`` lists as S-Prompts reads them; every sample carries its domain.
+    """
+
+    name, num_classes = "domainnet", 345
+    description = "DomainNet, 6 domains x 345 classes, official train/test lists (Domains scenario)"
+    domains: tuple[str, ...] = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+    folder_names: tuple[str, ...] = ("domainnet", "DomainNet")
+
+    def lists(self, folder: Path) -> list[Path]:
+        return [folder / f"{d}_{s}.txt" for s in ("train", "test") for d in self.domains]
+
+    def locate(self) -> Path:
+        """The folder holding every list file, or a DataError naming where it looked."""
+        root = require_root(self.name, self.root, "<domain>_{train,test}.txt and <domain>/ folders")
+        looked = [root] + [root / n for n in self.folder_names]
+        for folder in looked:
+            if all(p.is_file() for p in self.lists(folder)):
+                return folder.absolute()
+        missing = [p.name for p in self.lists(root) if not p.is_file()]
+        raise DataError(
+            f"{self.name}: no complete set of list files in any of {[str(p) for p in looked]} "
+            f"(missing in {root}: {missing}). Expected layout: DIR/<domain>/<class>/<image> and "
+            f"DIR/<domain>_train.txt, DIR/<domain>_test.txt for the domains {list(self.domains)}."
+            f" Download the images (cleaned version) and the train/test lists of every domain "
+            f"from {DOMAINNET_URL}, unzip them into DIR and pass `--data-root DIR`.")
+
+    def read(self, folder: Path, split: str) -> tuple[Split, np.ndarray, list[str], list[int]]:
+        """One split of every domain: the Split, domain ids, relative paths and labels."""
+        rel, labels, domain = [], [], []
+        for d, name in enumerate(self.domains):
+            p, y = read_image_list(folder / f"{name}_{split}.txt")
+            rel, labels, domain = rel + p, labels + y, domain + [d] * len(p)
+        paths = np.array([str(folder / p) for p in rel], dtype=object)
+        try:
+            data = Split(paths, np.array(labels, dtype=np.int64))
+        except FileNotFoundError as exc:
+            raise DataError(f"{self.name}: {exc.filename} is named in the {split} lists but "
+                            f"missing; unzip every domain's images into {folder}") from exc
+        return data, np.array(domain, dtype=np.int64), rel, labels
+
+    def load(self) -> DataBundle:
+        folder = self.locate()
+        train, train_domains, rel, labels = self.read(folder, "train")
+        test, test_domains, _, test_labels = self.read(folder, "test")
+        names = names_from_paths(rel, labels, self.num_classes)
+        if test_labels and not 0 <= min(test_labels) <= max(test_labels) < self.num_classes:
+            raise DataError(f"{self.name}: test labels outside 0..{self.num_classes - 1}")
+        source = {"path": str(folder), "layout": "<domain>_{train,test}.txt lists",
+                  "domains": list(self.domains)}
+        return DataBundle(self.name, train, test, names, source,
+                          Domains(self.domains, train_domains, test_domains))

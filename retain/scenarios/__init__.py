@@ -5,12 +5,13 @@ from .class_incremental import ClassIncremental, class_order_for, parse_notation
 from .factory import make_scenario
 from .streams import (
     CIFAR100_SUPERCLASSES,
+    DomainIncremental,
     PermutedStream,
     RotatedStream,
     TaskIncremental,
     superclass_order,
 )
 
-__all__ = ["CIFAR100_SUPERCLASSES", "ClassIncremental", "PermutedStream", "RotatedStream",
-           "Task", "TaskIncremental", "TaskKind", "class_order_for", "make_scenario",
-           "parse_notation", "superclass_order", "task_sizes"]
+__all__ = ["CIFAR100_SUPERCLASSES", "ClassIncremental", "DomainIncremental", "PermutedStream",
+           "RotatedStream", "Task", "TaskIncremental", "TaskKind", "class_order_for",
+           "make_scenario", "parse_notation", "superclass_order", "task_sizes"]

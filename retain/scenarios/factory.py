@@ -7,6 +7,8 @@
 | ``Superclass-CIL`` / ``Superclass-TIL`` | CIFAR-100's 20 superclasses as 20 tasks of 5 classes |
 | ``Permuted{n}`` | n permuted-pixel tasks (domain-incremental) |
 | ``Rotated{n}`` | n tasks rotated by 0, 360/n, 2*360/n, ... degrees (domain-incremental) |
+| ``Domains`` | one task per domain of the dataset (e.g. DomainNet), in its order |
+| ``Domains:{a},{b},...`` | the same, domains by name (or id) in the order given |
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ import numpy as np
 from ..datasets.base import DataBundle
 from ..errors import ConfigError
 from .class_incremental import ClassIncremental, parse_notation
-from .streams import PermutedStream, RotatedStream, TaskIncremental, superclass_order
+from .streams import (
+    DomainIncremental,
+    PermutedStream,
+    RotatedStream,
+    TaskIncremental,
+    superclass_order,
+)
 
-FORMS = "B{m}Inc{n}, TIL-B{m}Inc{n}, Superclass-CIL, Superclass-TIL, Permuted{n}, Rotated{n}"
+FORMS = ("B{m}Inc{n}, TIL-B{m}Inc{n}, Superclass-CIL, Superclass-TIL, Permuted{n}, Rotated{n}, "
+         "Domains, Domains:{a},{b},...")
 
 
 def make_scenario(bundle: DataBundle, name: str, seed: int | None = 1993):
@@ -37,6 +46,9 @@ def make_scenario(bundle: DataBundle, name: str, seed: int | None = 1993):
     if m := re.fullmatch(r"Rotated(\d+)", name):
         n = int(m.group(1))
         return RotatedStream(bundle, list(np.arange(n) * 360.0 / max(n, 1)))
+    if name == "Domains" or name.startswith("Domains:"):
+        order = [d.strip() for d in name[8:].split(",")] if ":" in name else None
+        return DomainIncremental(bundle, order)
     if name.startswith("B"):
         return ClassIncremental.from_notation(bundle, name, seed=seed)
     raise ConfigError(f"unknown scenario {name!r}; use one of: {FORMS}")

@@ -5,6 +5,8 @@
 - ``PermutedStream``: every task permutes the pixels with its own fixed permutation, seeded
   ``seed + t`` (task 0 permuted too, as SupSup's ``PermutedMNIST``); labels shared by all tasks.
 - ``RotatedStream``: every task rotates the images by its own angle; labels shared.
+- ``DomainIncremental``: one task per domain of a dataset whose samples carry a domain label
+  (DomainNet's six domains, as S-Prompts), in a configurable domain order; labels shared.
 """
 
 from __future__ import annotations
@@ -100,9 +102,12 @@ class _DomainStream:
             raise IndexError(f"task {key} out of range for {len(self)} tasks")
         t = key % len(self)
         classes = tuple(range(self.bundle.num_classes))
-        return Task(t, classes, classes if t == 0 else (), classes,
-                    self._transform(self.bundle.train, t), self._transform(self.bundle.test, t),
+        return Task(t, classes, classes if t == 0 else (), classes, *self._splits(t),
                     kind="domain")
+
+    def _splits(self, t: int) -> tuple[Split, Split]:
+        """Train and test split of task ``t``."""
+        return self._transform(self.bundle.train, t), self._transform(self.bundle.test, t)
 
     def _transform(self, split: Split, t: int) -> Split:
         raise NotImplementedError
@@ -139,6 +144,49 @@ class RotatedStream(_DomainStream):
         if split.is_paths:
             raise ConfigError("rotated streams need in-memory images (e.g. mnist5k)")
         return Split(rotate(split.data, self.angles[t]), split.targets)
+
+
+class DomainIncremental(_DomainStream):
+    """One task per domain of ``bundle.domains`` (e.g. DomainNet), in ``order`` (domain names
+    or ids; default: the dataset's own order); every task holds every class. Task splits are
+    subsets of the full splits, so cached features of each image are reused across tasks.
+    """
+
+    def __init__(self, bundle: DataBundle, order: Sequence[str | int] | None = None):
+        domains = bundle.domains
+        if domains is None:
+            raise ConfigError(f"a domain-incremental stream needs a dataset whose samples carry a "
+                              f"domain label (e.g. domainnet); {bundle.name!r} has none (Rotated"
+                              f"{{n}} / Permuted{{n}} build domains from in-memory images)")
+        self.order = tuple(_domain_id(domains.names, d) for d in
+                           (range(len(domains.names)) if order is None else order))
+        if len(set(self.order)) != len(self.order):
+            raise ConfigError(f"domain order {list(order)} repeats a domain")
+        super().__init__(bundle, len(self.order))
+        empty = [domains.names[d] for d in self.order if not (domains.train == d).any()]
+        if empty:
+            raise ConfigError(f"{bundle.name}: domain(s) {empty} have no training sample")
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        """The domain of each task, in stream order."""
+        return tuple(self.bundle.domains.names[d] for d in self.order)
+
+    def _splits(self, t: int) -> tuple[Split, Split]:
+        d, b = self.order[t], self.bundle
+        return (b.train.subset(np.flatnonzero(b.domains.train == d)),
+                b.test.subset(np.flatnonzero(b.domains.test == d)))
+
+
+def _domain_id(names: tuple[str, ...], d: str | int) -> int:
+    """The id of domain ``d`` (a name or an id) among ``names``."""
+    if isinstance(d, str) and d in names:
+        return names.index(d)
+    if isinstance(d, str) and d.isdigit():
+        d = int(d)
+    if isinstance(d, int | np.integer) and 0 <= d < len(names):
+        return int(d)
+    raise ConfigError(f"unknown domain {d!r}; the dataset's domains are {list(names)}")
 
 
 def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
