@@ -42,6 +42,7 @@ FAST: dict[str, dict] = {
     "supsup_gn": {"epochs": 10, "lr": 0.01, "batch_size": 8},
     "sprompts": {"prompt_length": 2, "epochs": 8, "init_epochs": 8, "lr": 0.05, "init_lr": 0.05,
                  "batch_size": 8, "augment": False, "num_centroids": 2},
+    "esn": {"epochs": 20, "lr": 0.01, "batch_size": 4, "augment": False, "prompt_tokens": 4},
 }
 ALL = METHODS.names()
 

@@ -45,15 +45,16 @@ class TaskAttention(nn.Module):
 
 
 class TaskAttentionBlock(nn.Module):
-    """The TAB: pre-norm task attention and MLP, both residual on the task token only."""
+    """The TAB: pre-norm task attention and MLP, both residual on the task token only (DyTox:
+    LayerNorm eps 1e-6; ConViT's block as ESN builds it: eps 1e-5, qkv bias, MLP ratio 0.5)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = TaskAttention(dim, num_heads, qkv_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.apply(_init_weights)
 
