@@ -67,3 +67,14 @@ def test_explicit_class_order_and_validation():
 def test_natural_order_without_seed():
     sc = ClassIncremental(tiny_bundle(), increment=2, seed=None)
     assert sc.class_order.tolist() == list(range(6))
+
+
+def test_tasks_carry_the_names_of_the_labels_seen_so_far():
+    from retain.scenarios import make_scenario
+
+    bundle = tiny_bundle()
+    sc = ClassIncremental(bundle, increment=2, seed=1993)
+    names = [bundle.class_names[c] for c in sc.class_order]
+    assert sc[1].class_names == tuple(names[:4])
+    assert make_scenario(bundle, "TIL-B0Inc2")[2].class_names == tuple(names)
+    assert make_scenario(bundle, "Rotated2")[1].class_names == bundle.class_names

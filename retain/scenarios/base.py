@@ -27,6 +27,7 @@ class Task:
     train: Split
     test: Split
     kind: TaskKind = "class"
+    class_names: tuple[str, ...] = ()  # the name of every label seen so far (label i: [i])
 
     @property
     def num_seen(self) -> int:

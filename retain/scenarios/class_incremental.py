@@ -106,7 +106,8 @@ class ClassIncremental:
         classes = tuple(range(lo, hi))
         return Task(id=t, classes=classes, new_classes=classes, seen_classes=tuple(range(hi)),
                     train=self._select(self.bundle.train, lo, hi),
-                    test=self._select(self.bundle.test, lo, hi), kind="class")
+                    test=self._select(self.bundle.test, lo, hi), kind="class",
+                    class_names=self.class_names[:hi])
 
     def _select(self, split: Split, lo: int, hi: int) -> Split:
         labels = self._remap[split.targets]  # (N,) stream labels

@@ -55,7 +55,7 @@ class TaskIncremental(ClassIncremental):
     def _task(self, t: int) -> Task:
         task = super()._task(t)
         return Task(task.id, task.classes, task.new_classes, task.seen_classes, task.train,
-                    task.test, kind="task")
+                    task.test, kind="task", class_names=task.class_names)
 
 
 def superclass_order(class_names: Sequence[str], seed: int | None = None) -> np.ndarray:
@@ -103,7 +103,7 @@ class _DomainStream:
         t = key % len(self)
         classes = tuple(range(self.bundle.num_classes))
         return Task(t, classes, classes if t == 0 else (), classes, *self._splits(t),
-                    kind="domain")
+                    kind="domain", class_names=tuple(self.bundle.class_names))
 
     def _splits(self, t: int) -> tuple[Split, Split]:
         """Train and test split of task ``t``."""
