@@ -43,6 +43,10 @@ FAST: dict[str, dict] = {
     "sprompts": {"prompt_length": 2, "epochs": 8, "init_epochs": 8, "lr": 0.05, "init_lr": 0.05,
                  "batch_size": 8, "augment": False, "num_centroids": 2},
     "esn": {"epochs": 20, "lr": 0.01, "batch_size": 4, "augment": False, "prompt_tokens": 4},
+    "hide_prompt": {"e_layers": (0,), "prompt_length": 2, "epochs": 6, "lr": 0.01,
+                    "head_lr_scale": 1.0, "batch_size": 4, "augment": False,
+                    "tii_epochs": 20, "tii_lr": 0.003,
+                    "n_centroids": 2, "ca_epochs": 4, "ca_samples": 8, "tii_ca_samples": 8},
 }
 ALL = METHODS.names()
 
