@@ -47,6 +47,8 @@ FAST: dict[str, dict] = {
                     "head_lr_scale": 1.0, "batch_size": 4, "augment": False,
                     "tii_epochs": 20, "tii_lr": 0.003,
                     "n_centroids": 2, "ca_epochs": 4, "ca_samples": 8, "tii_ca_samples": 8},
+    "lae": {"blocks": (0, 1), "prefix_length": 2, "epochs": 8, "num_freeze_epochs": 2, "lr": 0.01,
+            "batch_size": 4, "augment": False},
 }
 ALL = METHODS.names()
 
