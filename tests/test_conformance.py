@@ -49,6 +49,8 @@ FAST: dict[str, dict] = {
                     "n_centroids": 2, "ca_epochs": 4, "ca_samples": 8, "tii_ca_samples": 8},
     "lae": {"blocks": (0, 1), "prefix_length": 2, "epochs": 8, "num_freeze_epochs": 2, "lr": 0.01,
             "batch_size": 4, "augment": False},
+    "coda_prompt": {"layers": (0, 1), "pool_size": 6, "num_tasks": 3, "prompt_length": 4,
+                    "epochs": 8, "lr": 0.01, "batch_size": 4, "augment": False},
 }
 ALL = METHODS.names()
 
