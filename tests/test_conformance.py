@@ -51,6 +51,9 @@ FAST: dict[str, dict] = {
             "batch_size": 4, "augment": False},
     "coda_prompt": {"layers": (0, 1), "pool_size": 6, "num_tasks": 3, "prompt_length": 4,
                     "epochs": 8, "lr": 0.01, "batch_size": 4, "augment": False},
+    "apg": {"immediate_layer": 0, "epochs": 6, "lr": 0.01, "batch_size": 4, "augment": False,
+            "warmup_epochs": 0, "proxies_per_class": 2, "finetune_epochs": 2,
+            "finetune_epochs_per_task": 0, "center_samples": 32},
 }
 ALL = METHODS.names()
 
