@@ -54,6 +54,7 @@ FAST: dict[str, dict] = {
     "apg": {"immediate_layer": 0, "epochs": 6, "lr": 0.01, "batch_size": 4, "augment": False,
             "warmup_epochs": 0, "proxies_per_class": 2, "finetune_epochs": 2,
             "finetune_epochs_per_task": 0, "center_samples": 32},
+    "dap": {"epochs": 8, "lr": 0.01, "batch_size": 4, "augment": False, "num_tokens": 2},
 }
 ALL = METHODS.names()
 
