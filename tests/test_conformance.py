@@ -33,6 +33,9 @@ FAST: dict[str, dict] = {
                     "n_centroids": 2, "ca_epochs": 4, "ca_samples": 8, "tii_ca_samples": 8},
     "lwf": {"epochs": 8, "lr": 0.05, "batch_size": 4},
     "proof": {"epochs": 10, "lr": 0.01, "batch_size": 8, "memory_size": 12},
+    "promptfusion": {"booster": "vit_tiny_random", "epochs": 8, "lr": 0.03, "batch_size": 4,
+                     "context_length": 2, "clip_prompt_length": 2, "booster_prompt_length": 2,
+                     "memory_size": 12, "booster_head": "token"},
     "ewc": {"epochs": 8, "lr": 0.05, "batch_size": 4, "ewc_lambda": 10.0},
     "icarl": {"epochs": 8, "lr": 0.05, "batch_size": 4, "memory_size": 12},
     "replay": {"epochs": 8, "lr": 0.05, "batch_size": 4, "memory_size": 12,
@@ -77,6 +80,7 @@ STREAMS: dict[str, tuple[str, str]] = {
     "supsup_gn": ("pixels", "B0Inc2"),
     "sprompts": ("vit_tiny_random", "Rotated3"),
     "proof": ("clip_tiny_random", "B0Inc2"),
+    "promptfusion": ("clip_tiny_random", "B0Inc2"),
     "zscl": ("clip_tiny_random", "B0Inc2"),
 }
 

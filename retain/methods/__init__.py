@@ -20,6 +20,7 @@ from . import (  # noqa: E402,F401  (registration)
     lae,
     layup,
     lwf,
+    promptfusion,
     proof,
     ranpac,
     replay,
