@@ -186,9 +186,9 @@ def _hub_file(name: str, model: nn.Module) -> Path:
         raise WeightsError(
             f"could not obtain the weights of backbone {name!r} (HuggingFace hub repo "
             f"'{hub_id}', file 'model.safetensors'): {type(e).__name__}: {str(e)[:200]}\n"
-            f"fix: on a machine with internet run `huggingface-cli download {hub_id} "
-            f"model.safetensors` and pass the file with `--weights PATH` (safetensors, .npz "
-            f"or .pth are accepted)") from e
+            f"fix: on a machine with internet run `hf download {hub_id} model.safetensors` "
+            f"(older huggingface_hub: `huggingface-cli download ...`) and pass the file with "
+            f"`--weights PATH` (safetensors, .npz or .pth are accepted)") from e
 
 
 def _check_reachable(host: str, timeout: float = 3.0) -> None:

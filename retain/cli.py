@@ -15,7 +15,8 @@ RUN_FLAGS = {  # flag -> (config key, type, help)
     "--scenario": ("scenario", str, "B{m}Inc{n}, e.g. B0Inc10"),
     "--task-order": ("task_order", str, "A-E (APD's official orders) or task indices '2,0,1'"),
     "--backbone": ("backbone", str, "backbone name (retain list backbones)"),
-    "--weights": ("weights", str, "local weights file (.safetensors, .npz, .pth)"),
+    "--weights": ("weights", str, "local weights file (.safetensors, .npz, .pth; CLIP: .bin, "
+                  "OpenAI .pt)"),
     "--image-size": ("image_size", int, "input resolution (default: the backbone's)"),
     "--seed": ("seed", int, "seed of the class order and every random draw (default 1993)"),
     "--out": ("out", str, "run folder (default runs/<method>-<dataset>-<scenario>-s<seed>)"),
