@@ -1,5 +1,6 @@
-"""S-Prompts (S-iPrompts): per-domain prompt + head, domain chosen by nearest k-means centroid
-(L1); and the domain-incremental scenario and DomainNet reader it runs on."""
+"""S-Prompts: S-iPrompts (per-domain prompt + head) and S-liPrompts (per-domain prompt + CoOp
+text context on CLIP), domain chosen by nearest k-means centroid (L1); and the
+domain-incremental scenario and DomainNet reader it runs on."""
 
 from __future__ import annotations
 
@@ -138,6 +139,139 @@ def test_domain_inference_is_reported(tiny_vit):
     acc = task_inference_accuracy(m, sc[:], ctx)
     assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
     assert np.mean(acc) > 0.5  # 0 vs 180 degrees are told apart
+
+
+# ------------------------------------------------------ S-liPrompts (variant="language_image")
+
+SLIP = FAST | {"variant": "language_image", "prompt_length": 8, "text_context": 8,
+               "init_epochs": 80, "epochs": 4, "lr": 0.02, "init_lr": 0.02, "num_centroids": 5}
+
+
+@pytest.fixture(scope="module")
+def clip_tiny():
+    from retain import create_backbone
+
+    return create_backbone("clip_tiny_random")
+
+
+def slip_learned(clip, domains=2, stream="Rotated3", **params):
+    sc = make_scenario(tiny_bundle(), stream)
+    m = create_method("sprompts", clip, **(SLIP | {"init_epochs": 4} | params))
+    ctx = Context(batch_size=16)
+    for task in sc[:domains]:
+        m.learn(task, ctx)
+    return m, ctx, sc
+
+
+def test_slip_text_features_are_the_domain_context_through_the_text_tower_by_hand(clip_tiny):
+    m, ctx, sc = slip_learned(clip_tiny)
+    text, names = clip_tiny.text, sc[1].class_names
+    tokens = text.tokenize([" ".join(["X"] * 8) + f" {n}." for n in names])  # (C, L)
+    assert (tokens[:, 1:9] == tokens[0, 1]).all()  # 8 one-token "X" placeholders after SOS
+    for s in range(2):
+        with torch.no_grad():
+            emb = text.token_embedding(tokens).clone()  # (C, L, W)
+            emb[:, 1:9] = m.net_.text.contexts[s]  # the same M vectors for every class
+            hand = F.normalize(text.encode_embedded(emb, tokens.argmax(-1)), dim=-1)
+        torch.testing.assert_close(m.net_.text_features[s], hand, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(m.net_.text_features[0], m.net_.text_features[1])
+    assert m.state_dict()["contexts"].shape == (2, 8, 32)
+
+
+def test_slip_contexts_start_as_the_official_normal_init(clip_tiny):
+    from retain.layers.coop import DomainContexts
+
+    dc = DomainContexts(clip_tiny.text, 4)
+    dc.add(torch.Generator().manual_seed(5))
+    expected = 0.02 * torch.randn(4, 32, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(dc.contexts[0].detach(), expected)
+
+
+def test_slip_logits_are_scaled_cosines_of_the_prompted_image_and_stored_texts(clip_tiny):
+    m, ctx, sc = slip_learned(clip_tiny)
+    net, x = m.net_, clip_tiny.preprocess(sc[1].test, np.arange(4))
+    vit = net.vit
+    seq = vit._pos_embed(vit.patch_embed(x))  # (B, 1+N, D) class token + patches, positions
+    seq = torch.cat([seq[:, :1], net.prompts[1].expand(len(x), -1, -1), seq[:, 1:]], 1)
+    cls = vit.norm(vit.blocks(vit.norm_pre(seq)))[:, 0]  # prompt before ln_pre, as official
+    img = F.normalize(vit.head(cls), dim=-1)  # (B, E) CLIP projection
+    hand = clip_tiny.text.logit_scale.exp() * img @ net.text_features[1].T  # (B, C)
+    with torch.no_grad():
+        out = net(x, torch.ones(4, dtype=torch.long))
+    torch.testing.assert_close(out, hand, rtol=1e-5, atol=1e-5)
+
+
+def test_slip_training_a_domain_leaves_the_other_domains_bit_identical(clip_tiny):
+    m, ctx, sc = slip_learned(clip_tiny, domains=1)
+    old = [m.net_.prompts[0].clone(), m.net_.text.contexts[0].clone(),
+           m.net_.text_features[0].clone()]
+    m.learn(sc[1], ctx)
+    mid = m.net_.text.contexts[1].clone()
+    m.learn(sc[2], ctx)
+    now = [m.net_.prompts[0], m.net_.text.contexts[0], m.net_.text_features[0]]
+    assert all(torch.equal(a, b) for a, b in zip(old, now, strict=True))
+    assert torch.equal(m.net_.text.contexts[1], mid)
+    assert not torch.equal(m.net_.text.contexts[2], m.net_.text.contexts[1])
+
+
+def test_slip_prediction_uses_only_the_chosen_domain_and_stored_text_features(clip_tiny):
+    m, ctx, sc = slip_learned(clip_tiny, stream="Rotated2")
+    tests = [sc[0].test, sc[1].test]
+    dom = np.concatenate([m.infer_task(t, ctx) for t in tests])
+    assert set(dom.tolist()) == {0, 1}, "the test needs samples routed to both domains"
+
+    def predict():
+        return torch.cat([m.predict(t, ctx) for t in tests])
+
+    before = predict()
+    calls = []
+    m.net_.text.text.encode_embedded = lambda *a: calls.append(1)  # no text pass at test time
+    with torch.no_grad():
+        m.net_.text.contexts[1].add_(1.0)  # only the stored features count
+    assert torch.equal(predict(), before) and not calls
+    with torch.no_grad():
+        m.net_.prompts[0].mul_(-3.0)
+        m.net_.text_features[0] = m.net_.text_features[0].flip(0)
+    after = predict()
+    one, zero = torch.from_numpy(dom == 1), torch.from_numpy(dom == 0)
+    assert torch.equal(after[one], before[one])  # routed to domain 1: untouched
+    assert not torch.allclose(after[zero], before[zero])  # routed to domain 0: changed
+
+
+def test_slip_state_round_trip(clip_tiny):
+    m, ctx, sc = slip_learned(clip_tiny)
+    b = create_method("sprompts", clip_tiny, **(SLIP | {"init_epochs": 4}))
+    ctx_b = Context(batch_size=16)
+    b.load_state_dict(m.state_dict())
+    torch.testing.assert_close(b.predict(sc[1].test, ctx_b), m.predict(sc[1].test, ctx))
+    m.learn(sc[2], ctx)
+    b.learn(sc[2], ctx_b)  # exact resume
+    torch.testing.assert_close(b.predict(sc[2].test, ctx_b), m.predict(sc[2].test, ctx))
+    assert m.parameter_counts()["trainable"] == 3 * (8 * 48 + 8 * 32)
+
+
+def test_slip_needs_a_text_tower_and_room_for_the_class_name(tiny_vit, clip_tiny):
+    task = make_scenario(tiny_bundle(), "Rotated3")[0]
+    with pytest.raises(ConfigError, match="text tower.*clip_vit_b16"):
+        create_method("sprompts", tiny_vit, variant="language_image").learn(task, Context())
+    with pytest.raises(ConfigError, match="text_context"):  # 16 placeholders fill 16 tokens
+        create_method("sprompts", clip_tiny, **(SLIP | {"text_context": 16})).learn(
+            task, Context())
+    with pytest.raises(ConfigError):
+        create_method("sprompts", clip_tiny, variant="clip")
+
+
+def test_slip_end_to_end_learns_the_first_domain(clip_tiny):
+    """The random tiny CLIP (cos > 0.98 between image features, > 0.99 between class texts)
+    leaves a long loss plateau: the first domain needs many epochs at a small rate."""
+    sc = make_scenario(tiny_bundle(), "Rotated3")
+    m, ctx = create_method("sprompts", clip_tiny, **SLIP), Context(batch_size=16)
+    for task in sc:
+        m.learn(task, ctx)
+    correct, total = evaluate(m, sc[:], ctx, 2)
+    acc = correct / total
+    print(acc)
+    assert acc[0] > 0.75, acc
 
 
 # ------------------------------------------------------------------- domain-incremental scenario
