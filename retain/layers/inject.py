@@ -70,6 +70,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
+def without_trunk(net: nn.Module, trunk: str = "vit") -> dict:
+    """``net.state_dict()`` without the frozen copy held as submodule ``trunk``: the learned
+    state of a prompted network (the copy is rebuilt from the backbone, never stored)."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith(f"{trunk}.")}
+
+
 def factory_kwargs(vit: nn.Module) -> dict:
     """Device and dtype of the ViT's weights, for new PEFT parameters."""
     p = next(vit.parameters())

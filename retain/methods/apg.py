@@ -53,7 +53,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..layers.apg import PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
 from ..layers.gaussian import ClassGaussians
-from ..layers.inject import frozen_copy
+from ..layers.inject import frozen_copy, without_trunk
 from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..params import Interval
 from ..scenarios.base import Task
@@ -235,7 +235,7 @@ class APG(Method):
         return torch.cat(out).float()
 
     def _state(self) -> dict[str, torch.Tensor]:
-        net = {k: v for k, v in self.net_.state_dict().items() if not k.startswith("vit.")}
+        net = without_trunk(self.net_)
         return {**net, **self.library_.state()}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -38,7 +38,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..layers.coda import ComponentPool
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy
+from ..layers.inject import frozen_copy, without_trunk
 from ..layers.prefix import attach_prefix, forward_with_prefix
 from ..params import Interval
 from ..scenarios.base import Task
@@ -123,7 +123,7 @@ class CodaPrompt(Method):
         return predict_batches(self.net_, query_inputs(self.backbone, split, ctx), len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.net_.state_dict().items() if not k.startswith("vit.")}
+        return without_trunk(self.net_)
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()

@@ -48,7 +48,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..layers.dap import DAPGenerators
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy, unwrap
+from ..layers.inject import frozen_copy, unwrap, without_trunk
 from ..layers.prompts import (
     KeyedPool,
     block_inputs,
@@ -154,7 +154,7 @@ class DAP(Method):
         return predict_batches(self.net_, query_inputs(self.backbone, split, ctx), len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.net_.state_dict().items() if not k.startswith("vit.")}
+        return without_trunk(self.net_)
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()

@@ -67,7 +67,7 @@ from ..layers.hide import (
     grow_head,
     momentum_mix,
 )
-from ..layers.inject import frozen_copy
+from ..layers.inject import frozen_copy, without_trunk
 from ..layers.prefix import attach_prefix, forward_with_prefix
 from ..params import Interval
 from ..scenarios.base import Task
@@ -269,7 +269,7 @@ class HiDePrompt(Method):
 
     # -- state ----------------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
-        net = {k: v for k, v in self.net_.state_dict().items() if not k.startswith("vit.")}
+        net = without_trunk(self.net_)
         tii = {f"tii.{k}": v for k, v in self.tii_.state_dict().items()}
         return (net | tii | self.tap_stats_.state("tap_stats.")
                 | self.tii_stats_.state("tii_stats.") | {"task_of_class": self.task_of_class_})

@@ -42,7 +42,7 @@ from torch import nn
 from ..context import Context
 from ..datasets.base import Split
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import factory_kwargs, frozen_copy, injected
+from ..layers.inject import factory_kwargs, frozen_copy, injected, without_trunk
 from ..layers.lae import (
     AttentionAdapterSet,
     KVLoRASet,
@@ -151,7 +151,7 @@ class LAE(Method):
                                len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.net_.state_dict().items() if not k.startswith("vit.")}
+        return without_trunk(self.net_)
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()
