@@ -155,6 +155,21 @@ def test_fashion_mnist_missing_root_lists_files(tmp_path):
     assert str(tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz") in str(err.value)
 
 
+@pytest.mark.parametrize("sub", ["", "mnist", "MNIST/raw"])
+def test_full_mnist_reads_idx_from_root(tmp_path, sub):
+    fake_fashion(tmp_path / sub)  # same four file names and format as MNIST's
+    bundle = create_dataset("mnist", root=tmp_path).load()
+    assert bundle.class_names == tuple("0123456789") and len(bundle.train) == 6
+    assert bundle.source["path"] == str(tmp_path / sub).rstrip("/")
+
+
+def test_full_mnist_without_root_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="--data-root.*mnist5k"):
+        create_dataset("mnist").load()
+    with pytest.raises(DataError, match=str(tmp_path / "MNIST" / "raw")):
+        create_dataset("mnist", root=tmp_path).load()
+
+
 # ---------------------------------------------------------------------------------- cifar100
 
 def planes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
 """Datasets by name: ``create_dataset("mnist5k").load()`` returns a ``DataBundle``.
 
-Offline datasets (``mnist5k``, ``digits``, ``fashion_mnist``) live in ``offline``; the real
-benchmarks read from ``--data-root`` (``cifar100``, ``imagenet_r``, ``imagenet_a``, ``cub200``,
-``objectnet``, ``omnibenchmark``, ``vtab``, ``imagefolder``, ``domainnet``) live in ``folders``.
+Offline datasets (``mnist5k``, ``digits``, ``fashion_mnist``) and full ``mnist`` (IDX files from
+``--data-root``) live in ``offline``; the real benchmarks read from ``--data-root``
+(``cifar100``, ``imagenet_r``, ``imagenet_a``, ``cub200``, ``objectnet``, ``omnibenchmark``,
+``vtab``, ``imagefolder``, ``domainnet``) live in ``folders``.
 """
 
 from . import folders, offline

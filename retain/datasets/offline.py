@@ -155,7 +155,8 @@ def read_idx_split(images_path: Path, labels_path: Path) -> Split:
         raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
                         f"{len(labels)} labels")
     if labels.size and labels.max() >= len(FASHION_NAMES):
-        raise DataError(f"{labels_path} holds label {labels.max()}; Fashion-MNIST has 10 classes")
+        raise DataError(f"{labels_path} holds label {labels.max()}; (Fashion-)MNIST has 10 "
+                        "classes")
     return Split(images, labels)
 
 
@@ -175,6 +176,7 @@ class FashionMNIST(Dataset):
     name = "fashion_mnist"
     num_classes = 10
     description = "Fashion-MNIST (IDX files; Debian dataset-fashion-mnist), 60k/10k"
+    class_names = FASHION_NAMES
 
     def candidates(self) -> list[Path]:
         """The folders looked in, in order."""
@@ -200,4 +202,37 @@ class FashionMNIST(Dataset):
         train = read_idx_split(files["train_images"], files["train_labels"])
         test = read_idx_split(files["test_images"], files["test_labels"])
         source = {"path": str(files["train_images"].parent), "format": "IDX gzip"}
-        return DataBundle(self.name, train, test, FASHION_NAMES, source)
+        return DataBundle(self.name, train, test, self.class_names, source)
+
+
+@register_dataset("mnist")
+class MNIST(FashionMNIST):
+    """Full MNIST, 60k / 10k 28x28 gray digits, from the original IDX gzip files in ``root``
+    (or ``root/mnist``, ``root/MNIST/raw`` as torchvision leaves them). Needs ``--data-root``:
+    nothing ships offline (``mnist5k`` is the offline subset)."""
+
+    name = "mnist"
+    class_names = DIGIT_NAMES
+    description = "MNIST (IDX files from --data-root), 60k/10k"
+
+    def candidates(self) -> list[Path]:
+        if self.root is None:
+            return []
+        return [self.root, self.root / "mnist", self.root / "MNIST" / "raw"]
+
+    def find_files(self) -> dict[str, Path]:
+        if self.root is None:
+            raise DataError("mnist needs --data-root DIR holding train-images-idx3-ubyte.gz, "
+                            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+                            "t10k-labels-idx1-ubyte.gz (from https://yann.lecun.com/exdb/mnist/ "
+                            "or torchvision.datasets.MNIST(DIR, download=True)); offline, use "
+                            "--dataset mnist5k")
+        for folder in self.candidates():
+            files = fashion_files(folder)
+            if all(p.is_file() for p in files.values()):
+                return files
+        looked = "\n".join(f"  {folder}" for folder in self.candidates())
+        raise DataError(f"mnist: the four IDX gzip files (train-images-idx3-ubyte.gz, ...) are "
+                        f"in none of:\n{looked}\nDownload them from "
+                        "https://yann.lecun.com/exdb/mnist/ or with "
+                        "torchvision.datasets.MNIST(DIR, download=True)")
