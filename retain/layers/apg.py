@@ -1,6 +1,7 @@
 """APG's pieces: the Adaptive Prompt Generator, its per-class extra tokens, the proxy classifier,
-the attention loss and the warm-up + cosine schedule (Tang et al., "When Prompt-based Incremental
-Learning Does Not Meet Strong Pretraining", ICCV 2023; official code TOM-tym/APG).
+the attention loss, the centre library and the warm-up + cosine schedule (Tang et al., "When
+Prompt-based Incremental Learning Does Not Meet Strong Pretraining", ICCV 2023; official code
+TOM-tym/APG).
 
 Generator (``inclearn/backbones/Self_Prompts.py``: ``AdaptivePromptGenerator``, ``MyAttention``,
 ``Mlp``, ``ExtraTokens``). For a query token x (B, D) — the class token after the ViT's
@@ -24,6 +25,10 @@ Linear layers are initialised as timm's ``_init_vit_weights`` (truncated normal,
 bias). The proxy head is ``TransClassifiers`` with ``proxy_per_class`` K
 (``inclearn/lib/network/trans_classifiers.py``): z_ck = w_ckᵀf + b_ck,
 z_c = Σ_k softmax_k(z_c·)·z_ck.
+
+The centre library (``build_center_library``, ``inclearn/models/continual_trans.py``) keeps, per
+class, Gaussians (``retain.layers.gaussian``) of the intermediate class token and of the prompted
+feature, and the mean prompt of its training images.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .gaussian import ClassGaussians
 
 
 class ResidualMlp(nn.Module):
@@ -180,6 +187,52 @@ def attention_loss(logits: torch.Tensor, targets: torch.Tensor, tau: float = 1.0
     rows = logits[..., 1:].reshape(-1, logits.shape[-1] - 1).float()  # (B·H, T)
     y = targets.repeat_interleave(logits.shape[1])  # (B·H,)
     return F.cross_entropy(rows / tau, y) + soft_triplet_kl(rows, y)
+
+
+# ----------------------------------------------------------------------------- centre library
+
+class CenterLibrary:
+    """The centre library: Gaussians of the intermediate class token and of the prompted
+    feature, and the mean prompt, of every class learned so far."""
+
+    def __init__(self, dim: int, eps: float):
+        self.query, self.feature = ClassGaussians(dim, eps), ClassGaussians(dim, eps)
+        self.prompts = torch.zeros(0, dim)  # (C, D), rows in the order of query.labels
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def extended(self, query, prompts, feats, targets, classes) -> CenterLibrary:
+        """A copy with the statistics of ``classes`` added (self is left as it is)."""
+        out = CenterLibrary(self.prompts.shape[1], self.query.eps)
+        out.load(self.state())
+        out.query.add(query, targets, classes)
+        out.feature.add(feats, targets, classes)
+        means = torch.stack([prompts[targets == c].mean(0) for c in classes])  # (k, D)
+        out.prompts = torch.cat([self.prompts, means])
+        return out
+
+    def sampler(self, device):
+        """(n, generator) -> n draws per class, on ``device``: query (n·C, D), feature (n·C, D),
+        mean prompt (n·C, D), labels (n·C,). Factors are taken once and kept on ``device``."""
+        classes = self.query.labels.tolist()
+        q, f = (s.sampler(classes).to(device) for s in (self.query, self.feature))
+        prompts = self.prompts.to(device)  # (C, D)
+
+        def draw(n: int, g: torch.Generator):
+            (cq, labels), (cf, _) = q(n, g), f(n, g)  # (C·n, D) each, noise drawn on the CPU
+            return cq, cf, prompts.repeat_interleave(n, 0), labels
+
+        return draw
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.query.state("lib.query."), **self.feature.state("lib.feature."),
+                "lib.prompts": self.prompts}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.query.load(state, "lib.query.")
+        self.feature.load(state, "lib.feature.")
+        self.prompts = state["lib.prompts"].float()
 
 
 # ----------------------------------------------------------------------------------- schedule

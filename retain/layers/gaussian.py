@@ -1,14 +1,17 @@
 """Per-class Gaussian statistics of features, and seeded sampling from them.
 
-Classifier alignment (SLCA, Zhang et al., ICCV 2023; HiDe-Prompt, Wang et al., NeurIPS 2023)
-replaces the stored images of old classes by a Gaussian per class: the mean μ_c and the full
-covariance Σ_c of its training features, taken once when the class is learned. Heads are then
-re-trained on vectors drawn from N(s·μ_c, Σ_c). Statistics are float64 (as ``torch.cov`` in the
-official code) with ε·I added to Σ_c, so it stays positive definite when a class has fewer
-samples than feature dimensions. A draw is μ' + ε Lᵀ with ε ~ N(0, I) from the caller's
-generator and L the Cholesky factor of Σ_c (computed in float64; draws are float32, as the
-official ``MultivariateNormal(μ.float(), Σ.float())``): the same law, but seeded. ``sampler``
-factorises once for repeated draws (its factors are half the size of the covariances).
+Classifier alignment (SLCA, Zhang et al., ICCV 2023) replaces the stored images of old classes
+by a Gaussian per class: the mean μ_c and the full covariance Σ_c of its training features, taken
+once when the class is learned. Heads are then re-trained on vectors drawn from N(s·μ_c, Σ_c).
+APG's centre library (Tang et al., ICCV 2023; ``retain.layers.apg.CenterLibrary``) keeps two
+per class, of its intermediate class token and of its prompted feature (HiDe-Prompt's
+multi-centroid diagonal statistics are ``retain.layers.hide.ClassCentroids``). Statistics are
+float64 (as ``torch.cov`` in the official code) with ε·I added to Σ_c, so it stays positive
+definite when a class has fewer samples than feature dimensions. A draw is μ' + ε Lᵀ with
+ε ~ N(0, I) from the caller's generator and L the Cholesky factor of Σ_c (computed in float64;
+draws are float32, as the official ``MultivariateNormal(μ.float(), Σ.float())``): the same law,
+but seeded. ``sampler`` factorises once for repeated draws (its factors are half the size of the
+covariances) and can be moved to an accelerator, where the seeded noise drawn on the CPU is used.
 """
 
 from __future__ import annotations
@@ -90,9 +93,16 @@ class GaussianSampler:
     factors: torch.Tensor  # (K, D, D) float32, lower Cholesky factors of the covariances
     labels: torch.Tensor  # (K,) int64
 
+    def to(self, device: torch.device | str) -> GaussianSampler:
+        """The same Gaussians with means, factors and labels on ``device`` (draws still come
+        from the caller's CPU generator)."""
+        return GaussianSampler(self.means.to(device), self.factors.to(device),
+                               self.labels.to(device))
+
     def __call__(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vectors (K·n, D) float32 and their labels (K·n,), class by class."""
+        """Vectors (K·n, D) float32 and their labels (K·n,), class by class, on the device of
+        ``means``; the noise is drawn on the CPU from ``generator``."""
         k, d = self.means.shape
-        eps = torch.randn(k, n, d, generator=generator)  # (K, n, D)
+        eps = torch.randn(k, n, d, generator=generator).to(self.means.device)  # (K, n, D)
         x = self.means.unsqueeze(1) + eps @ self.factors.transpose(1, 2)  # (K, n, D)
         return x.reshape(k * n, d), self.labels.repeat_interleave(n)

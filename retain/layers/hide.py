@@ -17,6 +17,8 @@ Learning: Rethinking Obscured Sub-optimality", NeurIPS 2023; official ``thu-ml/H
   vectors per cluster of every seen class, shuffle, and take as many SGD steps (batches of
   ``samples``) as there are classes of the earlier tasks; cosine over epochs.
 * :func:`epoch_lr`: the timm schedulers of the official scripts, stepped after each epoch.
+* :class:`HiDeNet`: the frozen ViT copy with one prefix E-prompt per task and the WTP head
+  (``vits/hide_prompt_vision_transformer.py``); :class:`TaskView` trains it on one task.
 
 Linear layers are initialised as timm's ViT does (trunc-normal std 0.02, bias 0): the official
 heads and MLP are created inside the ViT and are not in its checkpoint.
@@ -34,6 +36,7 @@ from ..context import Context
 from ..training import feature_inputs, fit
 from .heads import IncrementalLinear
 from .kmeans import kmeans, sq_distances
+from .prefix import forward_with_prefix
 
 
 class ClassCentroids:
@@ -190,3 +193,48 @@ def epoch_lr(base: float, epoch: int, epochs: int, schedule: str, *, decay_epoch
         return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / epochs))
     raise ValueError(f"unknown schedule {schedule!r}")
 
+
+
+class HiDeNet(nn.Module):
+    """The frozen ViT copy with prefix sites, one E-prompt (K, 2, L, D) per task and the head:
+    (images, task per sample) -> (logits, features)."""
+
+    def __init__(self, vit: nn.Module, head: IncrementalLinear, e_layers: tuple[int, ...]):
+        super().__init__()
+        self.vit, self.head, self.e_layers = vit, head, e_layers
+        self.prompts = nn.ParameterList()
+
+    def train(self, mode: bool = True) -> HiDeNet:
+        super().train(mode)
+        self.vit.eval()  # the frozen ViT never trains (dropout 0 in the reference)
+        return self
+
+    def mixed(self, t: int, momentum: float) -> torch.Tensor:
+        """(K, 2, L, D): E-prompt t mixed with the mean of the earlier ones (no gradient)."""
+        older = list(self.prompts)[:t]
+        if not older:
+            return self.prompts[t]
+        return momentum_mix(self.prompts[t], torch.stack(older), momentum)
+
+    def features(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """(B, D) class token of the pass with sample b's prompts[b] (B, K, 2, L, D)."""
+        prefixes = {b: prompts[:, i] for i, b in enumerate(self.e_layers)}  # (B, 2, L, D)
+        return forward_with_prefix(self.vit, x, prefixes)
+
+    def forward(self, x: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = torch.stack(list(self.prompts))  # (T, K, 2, L, D)
+        feats = self.features(x, table[tasks])  # (B, D)
+        return self.head(feats), feats  # (B, C), (B, D)
+
+
+class TaskView(nn.Module):
+    """Training view of the net on task t: every sample takes the momentum-mixed E-prompt t."""
+
+    def __init__(self, net: HiDeNet, task: int, momentum: float):
+        super().__init__()
+        self.net, self.task, self.momentum = net, task, momentum
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.net.mixed(self.task, self.momentum)  # (K, 2, L, D)
+        feats = self.net.features(x, p.expand(len(x), -1, -1, -1, -1))  # (B, D)
+        return self.net.head(feats), feats

@@ -51,8 +51,7 @@ from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.apg import PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
-from ..layers.gaussian import ClassGaussians
+from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
 from ..layers.inject import frozen_copy, without_trunk
 from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..params import Interval
@@ -116,7 +115,7 @@ class APG(Method):
         self.cov_eps = cov_eps
         self.augment = augment
         self.net_: _APGNet | None = None
-        self.library_: _Library | None = None
+        self.library_: CenterLibrary | None = None
 
     # -- learning ---------------------------------------------------------------------------
     def _build(self, generator: torch.Generator | None = None) -> _APGNet:
@@ -133,7 +132,7 @@ class APG(Method):
     def _learn(self, task: Task, ctx: Context) -> None:
         if self.net_ is None:
             self.net_ = self._build(ctx.generator(0, 0))
-            self.library_ = _Library(self.backbone.feature_dim, self.cov_eps)
+            self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps)
         net = self.net_
         net.head.expand(task.num_seen, ctx.generator(task.id, 1))
         net.generator.tokens.freeze()  # frozen_old_prompt
@@ -247,7 +246,7 @@ class APG(Method):
             self.net_.generator.tokens.blocks.append(nn.Parameter(state[k]))
         self.net_.load_state_dict({k: v for k, v in state.items() if not k.startswith("lib.")},
                                   strict=False)
-        self.library_ = _Library(self.backbone.feature_dim, self.cov_eps)
+        self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps)
         self.library_.load(state)
 
     def parameter_counts(self) -> dict[str, int]:
@@ -292,51 +291,3 @@ class _APGNet(nn.Module):
         out = (self.head(feat), feat, found["attn"], found["prompts"], found["norm"])
         return (*out, found["query"]) if with_query else out
 
-
-class _Library:
-    """The centre library: Gaussians of the intermediate class token and of the prompted
-    feature, and the mean prompt, of every class learned so far."""
-
-    def __init__(self, dim: int, eps: float):
-        self.query, self.feature = ClassGaussians(dim, eps), ClassGaussians(dim, eps)
-        self.prompts = torch.zeros(0, dim)  # (C, D), rows in the order of query.labels
-
-    def __len__(self) -> int:
-        return len(self.query)
-
-    def extended(self, query, prompts, feats, targets, classes) -> _Library:
-        """A copy with the statistics of ``classes`` added (self is left as it is)."""
-        out = _Library(self.prompts.shape[1], self.query.eps)
-        out.load(self.state())
-        out.query.add(query, targets, classes)
-        out.feature.add(feats, targets, classes)
-        means = torch.stack([prompts[targets == c].mean(0) for c in classes])  # (k, D)
-        out.prompts = torch.cat([self.prompts, means])
-        return out
-
-    def sampler(self, device):
-        """(n, generator) -> n draws per class, on ``device``: query (n·C, D), feature (n·C, D),
-        mean prompt (n·C, D), labels (n·C,). Factors are taken once and kept on ``device``."""
-        classes = self.query.labels.tolist()
-        q, f = self.query.sampler(classes), self.feature.sampler(classes)
-        means = [s.means.to(device) for s in (q, f)]  # (C, D) each
-        factors_t = [s.factors.transpose(1, 2).to(device) for s in (q, f)]  # (C, D, D) each
-        prompts, labels = self.prompts.to(device), q.labels.to(device)
-
-        def draw(n: int, g: torch.Generator):
-            eps = [torch.randn(len(classes), n, m.shape[1], generator=g).to(device)
-                   for m in means]  # (C, n, D) each, drawn on the CPU from the seeded g
-            cq, cf = ((m.unsqueeze(1) + e @ lt).flatten(0, 1)
-                      for m, e, lt in zip(means, eps, factors_t, strict=True))  # (C·n, D)
-            return (cq, cf, prompts.repeat_interleave(n, 0), labels.repeat_interleave(n))
-
-        return draw
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {**self.query.state("lib.query."), **self.feature.state("lib.feature."),
-                "lib.prompts": self.prompts}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.query.load(state, "lib.query.")
-        self.feature.load(state, "lib.feature.")
-        self.prompts = state["lib.prompts"].float()

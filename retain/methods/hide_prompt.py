@@ -60,15 +60,16 @@ from ..datasets.base import Split
 from ..layers.heads import IncrementalLinear
 from ..layers.hide import (
     ClassCentroids,
+    HiDeNet,
     TaskInferenceNet,
+    TaskView,
     align_on_samples,
     contrastive_regulariser,
     epoch_lr,
     grow_head,
-    momentum_mix,
 )
 from ..layers.inject import frozen_copy, without_trunk
-from ..layers.prefix import attach_prefix, forward_with_prefix
+from ..layers.prefix import attach_prefix
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import feature_inputs, fit, predict_batches, task_cross_entropy
@@ -129,7 +130,7 @@ class HiDePrompt(Method):
         self.tii_ca_samples = tii_ca_samples
         self.ca_weight_decay = ca_weight_decay
         self.cov_eps = cov_eps  # ε added to every variance when sampling
-        self.net_: _HiDeNet | None = None
+        self.net_: HiDeNet | None = None
         self.tii_: TaskInferenceNet | None = None
         self.tap_stats_: ClassCentroids | None = None  # prompted features (WTP/TAP)
         self.tii_stats_: ClassCentroids | None = None  # frozen features (TII)
@@ -139,7 +140,7 @@ class HiDePrompt(Method):
         vit = frozen_copy(self.backbone.model)
         attach_prefix(vit, sorted(self.e_layers), length=0)  # prefixes are given per call
         dim = self.backbone.feature_dim
-        self.net_ = _HiDeNet(vit, IncrementalLinear(dim), tuple(self.e_layers))
+        self.net_ = HiDeNet(vit, IncrementalLinear(dim), tuple(self.e_layers))
         self.tii_ = TaskInferenceNet(dim, self.tii_hidden, generator)
         self.tap_stats_ = ClassCentroids(dim, self.n_centroids, self.cov_eps)
         self.tii_stats_ = ClassCentroids(dim, self.n_centroids, self.cov_eps)
@@ -154,7 +155,9 @@ class HiDePrompt(Method):
         self._grow(task, ctx.generator(task.id, 1))
         self._train_prompt(task, ctx)
         self._settle_prompt(task.id)
-        self._learn_tap(task, ctx)
+        tap = self._prompted_features(task.train, task.id, ctx)  # (N, D) TAP: with E-prompt t
+        self._remember_and_align(self.net_.head, self.tap_stats_, tap, task, ctx, 3,
+                                 lr=self.ca_lr, samples=self.ca_samples, desc="TAP")
         self._learn_tii(task, ctx)
 
     def _grow(self, task: Task, g: torch.Generator) -> None:
@@ -194,7 +197,7 @@ class HiDePrompt(Method):
         bases = [self.lr, self.lr * self.head_lr_scale]
         opt = torch.optim.Adam([{"params": [net.prompts[task.id]], "lr": bases[0]},
                                 {"params": list(net.head.parameters()), "lr": bases[1]}])
-        view = _TaskView(net, task.id, self.prompt_momentum)
+        view = TaskView(net, task.id, self.prompt_momentum)
         targets = torch.from_numpy(task.train.targets)
         for epoch in range(self.epochs):
             for group, base in zip(opt.param_groups, bases, strict=True):
@@ -211,34 +214,31 @@ class HiDePrompt(Method):
             prompt.copy_(self.net_.mixed(t, self.prompt_momentum))
         prompt.requires_grad_(False)
 
-    def _learn_tap(self, task: Task, ctx: Context) -> None:
-        feats = self._prompted_features(task.train, task.id, ctx)  # (N, D)
-        targets = torch.from_numpy(task.train.targets)
-        self.tap_stats_.add(feats, targets, task.new_classes, ctx.generator(task.id, 3))
-        if task.id > 0 and self.ca_epochs:
-            steps = task.num_seen - len(task.new_classes)  # classes of the earlier tasks
-            align_on_samples(self.net_.head, self.tap_stats_, task.seen_classes, steps,
-                             epochs=self.ca_epochs, lr=self.ca_lr, samples=self.ca_samples,
-                             weight_decay=self.ca_weight_decay, ctx=ctx,
-                             generator=ctx.generator(task.id, 4), desc="hide_prompt TAP")
-
     def _learn_tii(self, task: Task, ctx: Context) -> None:
         feats = ctx.features(self.backbone, task.train)  # (N, D) cached frozen features
-        targets = torch.from_numpy(task.train.targets)
         if self.tii_epochs:
-            fit(self.tii_, feature_inputs(feats), targets, ctx, epochs=self.tii_epochs,
-                batch_size=self.batch_size, generator=ctx.generator(task.id, 5),
+            fit(self.tii_, feature_inputs(feats), torch.from_numpy(task.train.targets), ctx,
+                epochs=self.tii_epochs, batch_size=self.batch_size,
+                generator=ctx.generator(task.id, 5), clip_grad=self.clip_grad,
                 loss_fn=partial(task_cross_entropy, classes=task.classes),
-                clip_grad=self.clip_grad,
                 optimizer=torch.optim.Adam(self.tii_.parameters(), lr=self.tii_lr),
                 desc=f"hide_prompt TII {task.id}")
-        self.tii_stats_.add(feats, targets, task.new_classes, ctx.generator(task.id, 6))
+        self._remember_and_align(self.tii_, self.tii_stats_, feats, task, ctx, 6,
+                                 lr=self.tii_ca_lr, samples=self.tii_ca_samples, desc="TII")
+
+    def _remember_and_align(self, model: nn.Module, stats: ClassCentroids, feats: torch.Tensor,
+                            task: Task, ctx: Context, salt: int, *, lr: float, samples: int,
+                            desc: str) -> None:
+        """The new classes' statistics of ``feats`` (N, D); for t > 0, ``model`` aligned on
+        draws of every seen class, one step per epoch per class of the earlier tasks."""
+        stats.add(feats, torch.from_numpy(task.train.targets), task.new_classes,
+                  ctx.generator(task.id, salt))
         if task.id > 0 and self.ca_epochs:
-            steps = task.num_seen - len(task.new_classes)
-            align_on_samples(self.tii_, self.tii_stats_, task.seen_classes, steps,
-                             epochs=self.ca_epochs, lr=self.tii_ca_lr,
-                             samples=self.tii_ca_samples, weight_decay=self.ca_weight_decay,
-                             ctx=ctx, generator=ctx.generator(task.id, 7), desc="hide_prompt TII")
+            steps = task.num_seen - len(task.new_classes)  # classes of the earlier tasks
+            align_on_samples(model, stats, task.seen_classes, steps, epochs=self.ca_epochs,
+                             lr=lr, samples=samples, weight_decay=self.ca_weight_decay,
+                             ctx=ctx, generator=ctx.generator(task.id, salt + 1),
+                             desc=f"hide_prompt {desc}")
 
     @torch.no_grad()
     def _prompted_features(self, split: Split, t: int, ctx: Context) -> torch.Tensor:
@@ -296,47 +296,3 @@ class HiDePrompt(Method):
         learned += count(self.tii_)
         return {"trainable": learned, "total": base + learned}
 
-
-class _HiDeNet(nn.Module):
-    """The frozen ViT copy with prefix sites, one E-prompt (K, 2, L, D) per task and the head:
-    (images, task per sample) -> (logits, features)."""
-
-    def __init__(self, vit: nn.Module, head: IncrementalLinear, e_layers: tuple[int, ...]):
-        super().__init__()
-        self.vit, self.head, self.e_layers = vit, head, e_layers
-        self.prompts = nn.ParameterList()
-
-    def train(self, mode: bool = True) -> _HiDeNet:
-        super().train(mode)
-        self.vit.eval()  # the frozen ViT never trains (dropout 0 in the reference)
-        return self
-
-    def mixed(self, t: int, momentum: float) -> torch.Tensor:
-        """(K, 2, L, D): E-prompt t mixed with the mean of the earlier ones (no gradient)."""
-        older = list(self.prompts)[:t]
-        if not older:
-            return self.prompts[t]
-        return momentum_mix(self.prompts[t], torch.stack(older), momentum)
-
-    def features(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """(B, D) class token of the pass with sample b's prompts[b] (B, K, 2, L, D)."""
-        prefixes = {b: prompts[:, i] for i, b in enumerate(self.e_layers)}  # (B, 2, L, D)
-        return forward_with_prefix(self.vit, x, prefixes)
-
-    def forward(self, x: torch.Tensor, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.stack(list(self.prompts))  # (T, K, 2, L, D)
-        feats = self.features(x, table[tasks])  # (B, D)
-        return self.head(feats), feats  # (B, C), (B, D)
-
-
-class _TaskView(nn.Module):
-    """Training view of the net on task t: every sample takes the momentum-mixed E-prompt t."""
-
-    def __init__(self, net: _HiDeNet, task: int, momentum: float):
-        super().__init__()
-        self.net, self.task, self.momentum = net, task, momentum
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.net.mixed(self.task, self.momentum)  # (K, 2, L, D)
-        feats = self.net.features(x, p.expand(len(x), -1, -1, -1, -1))  # (B, D)
-        return self.net.head(feats), feats
