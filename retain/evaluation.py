@@ -12,6 +12,8 @@ streams) are predicted group by group, so cached features of each task's images 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -60,10 +62,15 @@ def restrict(logits: torch.Tensor, classes: list[tuple[int, ...]]) -> torch.Tens
     return logits.masked_fill(mask, float("-inf"))
 
 
-def task_inference_accuracy(method: Method, tasks: list[Task], ctx: Context) -> list[float] | None:
+def task_inference_accuracy(method: Method, tasks: list[Task], ctx: Context,
+                            task_of: Callable[[np.ndarray], np.ndarray] | None = None
+                            ) -> list[float] | None:
     """Per seen task, the share of its test samples whose task a method infers correctly; None
-    for methods without task inference (those define ``infer_task(split, ctx) -> (N,) ids``)."""
+    for methods without task inference (those define ``infer_task(split, ctx) -> (N,) ids``).
+    On a task-free stream a method can only name the segment it learned from: ``task_of`` maps
+    segment ids to the tasks the evaluator knows."""
     infer = getattr(method, "infer_task", None)
     if infer is None:
         return None
-    return [float((np.asarray(infer(t.test, ctx)) == t.id).mean()) for t in tasks]
+    task_of = task_of or np.asarray
+    return [float((task_of(np.asarray(infer(t.test, ctx))) == t.id).mean()) for t in tasks]

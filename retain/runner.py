@@ -30,8 +30,9 @@ from .evaluation import evaluate, task_inference_accuracy
 from .features import FeatureCache, default_cache_dir
 from .io import read_json, read_tensors, write_json, write_tensors
 from .methods import METHODS, Method, create_method
+from .methods.base import TASK_FREE
 from .params import validate
-from .scenarios import make_scenario
+from .scenarios import TaskFree, make_scenario
 from .scenarios.orders import with_task_order
 
 
@@ -54,6 +55,8 @@ def build(config: RunConfig) -> Run:
         scenario = with_task_order(scenario, config.task_order)
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
     method = create_method(config.method, backbone, **config.params)
+    if isinstance(scenario, TaskFree):
+        check_task_free(method)
     cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
     device = resolve_device(config.device)
     batch_size = config.batch_size or (16 if device.type == "cpu" else 128)  # CPU: memory-bound
@@ -61,6 +64,20 @@ def build(config: RunConfig) -> Run:
                   autocast=config.autocast == "bf16", seed=config.seed,
                   cache=FeatureCache(cache_root))
     return Run(config, scenario, method, ctx)
+
+
+def check_task_free(method: Method) -> None:
+    """Refuse a method that needs task boundaries on a task-free stream."""
+    if TASK_FREE not in method.tags:
+        able = [n for n in METHODS.names() if TASK_FREE in METHODS.get(n).tags]
+        raise ConfigError(f"{method.name} needs task boundaries (it would treat every segment "
+                          f"as a task), so it cannot learn a TaskFree stream; methods that learn "
+                          f"task-free: {', '.join(able)} (supsup_gn with mode=NNs)")
+
+
+def learning_units(scenario, task) -> list:
+    """What the method learns during ``task``: the task, or its unmarked task-free segments."""
+    return scenario.segments(task.id) if isinstance(scenario, TaskFree) else [task]
 
 
 def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:
@@ -95,11 +112,14 @@ def learn_and_evaluate(r: Run, task) -> tuple[dict, dict[str, torch.Tensor]]:
         torch.cuda.reset_peak_memory_stats(r.ctx.device)
     embedded = r.ctx.cache.images_embedded
     t0 = time.perf_counter()
-    r.method.learn(task, r.ctx)
+    units = learning_units(r.scenario, task)
+    for unit in units:
+        r.method.learn(unit, r.ctx)
     t1 = time.perf_counter()
     correct, total = evaluate(r.method, r.scenario[: task.id + 1], r.ctx, task.id)
     t2 = time.perf_counter()
-    inferred = task_inference_accuracy(r.method, r.scenario[: task.id + 1], r.ctx)
+    task_of = r.scenario.task_of if isinstance(r.scenario, TaskFree) else None
+    inferred = task_inference_accuracy(r.method, r.scenario[: task.id + 1], r.ctx, task_of)
     state = r.method.state_dict()
     return {"task": task.id, "num_classes": task.num_seen, "new_classes": list(task.new_classes),
             "correct": correct.tolist(), "total": total.tolist(),
@@ -108,6 +128,7 @@ def learn_and_evaluate(r: Run, task) -> tuple[dict, dict[str, torch.Tensor]]:
             "parameters": r.method.parameter_counts(),
             "stored_bytes": sum(t.numel() * t.element_size() for t in state.values()),
             **({"task_inference_accuracy": inferred} if inferred is not None else {}),
+            **({"segments": len(units)} if isinstance(r.scenario, TaskFree) else {}),
             **peak_memory(r.ctx.device)}, state
 
 
@@ -135,6 +156,8 @@ def new_results(r: Run) -> dict:
             | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
             "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),
             "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,
+            **({"task_free_segment": r.scenario.segment} if isinstance(r.scenario, TaskFree)
+               else {}),
             "environment": environment(r.ctx.device),
             "stages": []}
 

@@ -17,6 +17,7 @@ from retain.errors import ConfigError
 from retain.evaluation import evaluate
 from retain.features import FeatureCache
 from retain.methods import FROZEN_BACKBONE, METHODS, TASK_ID_AT_TEST, create_method, method_params
+from retain.methods.base import TASK_FREE
 from retain.scenarios import make_scenario
 
 # hyper-parameters that keep each method fast on the tiny stream (empty: defaults)
@@ -69,6 +70,8 @@ FAST: dict[str, dict] = {
     "supsup_gn": {"epochs": 10, "lr": 0.01, "batch_size": 8},
 }
 ALL = METHODS.names()
+# the setting of a method that learns task-free, where it is not its default
+FREE: dict[str, dict] = {"supsup_gn": {"mode": "NNs", "nns_every": 3}}
 
 # methods that train their own network on raw pixels, or need the task id at test time, run on
 # another backbone and stream of the same tiny images: name -> (backbone, scenario)
@@ -200,3 +203,20 @@ def test_parameter_counts(name, tiny_vit, scenario):
     counts = m.parameter_counts()
     assert 0 <= counts["trainable"] <= counts["total"]
     assert counts["total"] >= sum(p.numel() for p in backbone.model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if TASK_FREE in METHODS.get(n).tags])
+def test_task_free_methods_learn_unmarked_segments(name, tiny_vit, scenario):
+    backbone, _ = setup(name, tiny_vit, scenario)
+    free = make_scenario(scenario.bundle, f"TaskFree12:{STREAMS.get(name, ('', 'B0Inc2'))[1]}")
+    m, ctx = create_method(name, backbone, **FAST.get(name, {}) | FREE.get(name, {})), fresh_ctx()
+    for segment in free.segments(0):
+        m.learn(segment, ctx)
+    c, t = evaluate(m, free[:1], ctx, 0)
+    assert c[0] / t[0] > 0.75, f"{name} does not learn the first task from its segments"
+    b = create_method(name, backbone, **FAST.get(name, {}) | FREE.get(name, {}))
+    b.load_state_dict(m.state_dict())
+    for segment in free.segments(1):  # resume at a segment boundary: the same model
+        m.learn(segment, ctx)
+        b.learn(segment, ctx)
+    torch.testing.assert_close(b.predict(free[1].test, ctx), m.predict(free[1].test, ctx))

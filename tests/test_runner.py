@@ -117,3 +117,52 @@ def test_task_id_methods_get_ids_on_domain_streams_and_batch_use_is_labelled(tmp
                                "params.per_batch=true"]),
              echo=quiet, progress=False)
     assert gn["uses_batch_information"] and "task_inference_accuracy" in gn["stages"][-1]
+
+
+def free_config(tmp_path, name="free", method="finetune", **sets):
+    flags = {"dataset": "digits", "backbone": "vit_tiny_random", "method": method,
+             "scenario": "TaskFree100:B0Inc2", "out": str(tmp_path / name),
+             "cache_dir": str(tmp_path / "c")}
+    return make_config(flags=flags, sets=[f"{k}={v}" for k, v in sets.items()] +
+                       ["params.epochs=2", "params.lr=0.05"])
+
+
+def test_task_free_run_learns_segments_and_resumes_at_a_task_end(tmp_path, monkeypatch):
+    reference = run(free_config(tmp_path, "ref"), echo=quiet, progress=False)
+    assert reference["task_free_segment"] == 100 and len(reference["accuracy_matrix"]) == 5
+    assert all(s["segments"] >= 2 for s in reference["stages"])  # ~280 images per task
+    assert reference["summary"]["last_accuracy"] > 0.1
+    from retain.methods.finetune import Finetune
+
+    original, calls = Finetune._learn, []
+
+    def crash_in_task_3(self, task, ctx):
+        assert task.free
+        calls.append(task.id)
+        if len(calls) == sum(s["segments"] for s in reference["stages"][:3]) + 1:
+            raise RuntimeError("simulated crash in the first segment of task 3")
+        original(self, task, ctx)
+
+    monkeypatch.setattr(Finetune, "_learn", crash_in_task_3)
+    with pytest.raises(RuntimeError):
+        run(free_config(tmp_path, "crash"), echo=quiet, progress=False)
+    partial = json.loads((tmp_path / "crash" / "results.json").read_text())
+    assert len(partial["stages"]) == 3
+    monkeypatch.setattr(Finetune, "_learn", original)
+    resumed = run(free_config(tmp_path, "crash"), echo=quiet, progress=False)
+    np.testing.assert_array_equal(resumed["accuracy_matrix"], reference["accuracy_matrix"])
+
+
+def test_task_free_stream_refuses_methods_that_need_boundaries(tmp_path):
+    with pytest.raises(ConfigError, match="lwf needs task boundaries.*finetune.*supsup_gn"):
+        run(free_config(tmp_path, method="lwf"), echo=quiet, progress=False)
+
+
+def test_nns_on_a_task_free_stream_reports_task_inference_per_true_task(tmp_path):
+    flags = {"dataset": "mnist5k", "backbone": "pixels", "scenario": "TaskFree500:Permuted3",
+             "method": "supsup_gn", "out": str(tmp_path / "nns"), "cache": False, "seed": 0}
+    res = run(make_config(flags=flags, sets=["params.mode=NNs", "params.nns_every=32"]),
+              echo=quiet, progress=False)
+    assert [s["segments"] for s in res["stages"]] == [8, 8, 8]
+    assert min(res["stages"][-1]["task_inference_accuracy"]) > 0.95
+    assert res["summary"]["last_accuracy"] > 0.7

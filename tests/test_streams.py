@@ -14,6 +14,7 @@ from retain.scenarios import (
     CIFAR100_SUPERCLASSES,
     PermutedStream,
     RotatedStream,
+    TaskFree,
     make_scenario,
     superclass_order,
 )
@@ -88,3 +89,39 @@ def test_domain_stream_evaluation_embeds_each_task_once(tiny_vit):
         m.learn(task, ctx)
         evaluate(m, s[: task.id + 1], ctx, task.id)
     assert ctx.cache.images_embedded == len(s[0].train) + 3 * len(s[0].test)
+
+
+# ---------------------------------------------------------------------------------- task-free
+
+def test_task_free_segments_cover_each_task_once_in_unmarked_pieces():
+    inner = make_scenario(tiny_bundle(), "B0Inc2")  # 3 tasks, 24 training images each
+    free = make_scenario(tiny_bundle(), "TaskFree10:B0Inc2")
+    assert isinstance(free, TaskFree) and len(free) == 3 and free.kind == "class"
+    assert [free.num_segments(t) for t in range(3)] == [3, 3, 3]  # 10 + 10 + 4
+    ids = []
+    for t in range(3):
+        segs = free.segments(t)
+        assert [len(s.train) for s in segs] == [10, 10, 4]
+        assert all(s.free and len(s.test) == 0 for s in segs)
+        got = np.sort(np.concatenate([s.train.index for s in segs]))
+        np.testing.assert_array_equal(got, np.sort(inner[t].train.index))  # each sample once
+        assert all(set(s.classes) <= set(inner[t].classes) for s in segs)  # never straddles
+        assert segs[-1].seen_classes == inner[t].seen_classes
+        new = [c for s in segs for c in s.new_classes]
+        assert sorted(new) == list(inner[t].new_classes)  # each class new exactly once
+        ids += [s.id for s in segs]
+    assert ids == list(range(9))
+    np.testing.assert_array_equal(free.task_of(np.arange(9)), np.repeat(np.arange(3), 3))
+    again = free.segments(1)  # re-entrant and seeded
+    np.testing.assert_array_equal(again[0].train.index, free.segments(1)[0].train.index)
+    assert free[1].id == 1 and not free[1].free  # evaluation sees the real tasks
+
+
+def test_task_free_names_and_errors():
+    b = tiny_bundle()
+    assert make_scenario(b, "TaskFree:Permuted2").segment == 500
+    assert make_scenario(b, "TaskFree7:Rotated2").segments(1)[0].id == 11  # 72 images: 11 segs
+    with pytest.raises(ConfigError, match="TaskFree500:Permuted5"):
+        make_scenario(b, "TaskFree-Permuted5")
+    with pytest.raises(ConfigError, match="at least 1 sample"):
+        make_scenario(b, "TaskFree0:B0Inc2")

@@ -188,8 +188,8 @@ def test_gn_inference_variants(permuted_gn, options):
 
 def test_nns_allocates_a_mask_at_each_new_permutation(mnist):
     stream, c = make_scenario(mnist, "Permuted3", seed=0), ctx()
-    m = create_method("supsup_gn", create_backbone("pixels"), mode="NNs")
-    for task in stream:
+    m = create_method("supsup_gn", create_backbone("pixels"), mode="NNs", nns_every=32)
+    for task in stream:  # 32 steps per task: a detection at every task start, as officially
         m.learn(task, c)
     assert m.slot_task_ == [0, 1, 2]  # one new mask per permutation, none in between
     test = stream[2].test.subset(np.arange(200))
@@ -205,3 +205,28 @@ def test_modes_belong_to_their_registered_name(bundle):
         create_method("supsup", backbone, mode="GN").learn(tiny_til(bundle)[0], ctx())
     with pytest.raises(retain.errors.ConfigError, match="use supsup "):
         create_method("supsup_gn", backbone, mode="GG").learn(tiny_til(bundle)[0], ctx())
+
+
+def test_nns_on_a_task_free_stream_finds_the_boundaries_itself(mnist):
+    """Unmarked segments of 500 images (8 per task, 4 batches each): the detection count runs
+    across calls, so the masks start where the permutation changes, not at every segment."""
+    stream, c = make_scenario(mnist, "TaskFree500:Permuted3", seed=0), ctx()
+    m = create_method("supsup_gn", create_backbone("pixels"), mode="NNs", nns_every=32)
+    for t in range(len(stream)):
+        for segment in stream.segments(t):
+            assert segment.free and len(segment.test) == 0
+            m.learn(segment, c)
+    assert m.slot_task_ == [0, 8, 16]  # the segments that opened tasks 0, 1, 2
+    assert m.nns_steps_ == 3 * 8 * 4
+    test = stream[1].test.subset(np.arange(200))
+    assert (stream.task_of(m.infer_task(test, c)) == 1).mean() > 0.95
+    copy = create_method("supsup_gn", create_backbone("pixels"), mode="NNs", nns_every=32)
+    copy.load_state_dict(m.state_dict())
+    assert (copy.nns_steps_, copy.nns_slot_) == (m.nns_steps_, m.nns_slot_)
+
+
+def test_gn_refuses_a_task_free_segment(mnist):
+    segment = make_scenario(mnist, "TaskFree500:Permuted2", seed=0).segments(0)[0]
+    m = create_method("supsup_gn", create_backbone("pixels"), mode="GN")
+    with pytest.raises(retain.errors.ConfigError, match="mode=NNs"):
+        m.learn(segment, ctx())

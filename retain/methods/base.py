@@ -30,7 +30,9 @@ GROWS = "grows_parameters"  # parameters are added with every task
 USES_MEMORY = "uses_memory"  # stores training samples (exemplars) across tasks
 TASK_ID_AT_TEST = "needs_task_id_at_test"  # predictions need the task id (not class-IL)
 UPPER_BOUND = "upper_bound"  # sees all past data (joint training): a reference, not a method
-TAGS = {FROZEN_BACKBONE, FROZEN_AFTER_FIRST, GROWS, USES_MEMORY, TASK_ID_AT_TEST, UPPER_BOUND}
+TASK_FREE = "task_free"  # learns unmarked segments of a stream (no task boundary needed)
+TAGS = {FROZEN_BACKBONE, FROZEN_AFTER_FIRST, GROWS, USES_MEMORY, TASK_ID_AT_TEST, UPPER_BOUND,
+        TASK_FREE}
 
 
 class Method(ABC):

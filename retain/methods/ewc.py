@@ -48,6 +48,7 @@ Params = dict[str, torch.Tensor]
 class EWC(Finetune):
     paper = ("Kirkpatrick et al., Overcoming catastrophic forgetting, PNAS 2017; online: "
              "Schwarz et al., Progress & Compress, ICML 2018")
+    tags = frozenset()  # not finetune's task_free: a Fisher is estimated per task
     constraints = Finetune.constraints | {"ewc_lambda": Interval(0, None),
                                           "gamma": Interval(0, 1), "fisher_max": Interval(0, None)}
 

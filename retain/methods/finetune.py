@@ -3,7 +3,9 @@
 The network (backbone + a linear head grown with each task) is trained with cross-entropy on the
 current task's data only, over the logits of every class seen so far; nothing protects the old
 classes, so they are forgotten. With ``freeze_backbone`` only the head is trained, on cached
-frozen features (a sequential linear probe).
+frozen features (a sequential linear probe). It needs no task boundary: on a task-free stream
+(``TaskFree{k}:...``) every unmarked segment is one more call, the head growing to the largest
+label observed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from ..layers.heads import IncrementalLinear
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import feature_inputs, fit, image_inputs, predict_batches
-from .base import Method, count, register_method
+from .base import TASK_FREE, Method, count, register_method
 
 
 @register_method("finetune")
 class Finetune(Method):
     paper = "lower bound (sequential fine-tuning)"
+    tags = frozenset({TASK_FREE})  # on a task-free stream: online fine-tuning, segment by segment
     constraints = {"epochs": Interval(1, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "weight_decay": Interval(0, None),
                    "momentum": Interval(0, 1, "left")}

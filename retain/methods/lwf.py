@@ -49,6 +49,7 @@ from .finetune import Finetune
 @register_method("lwf")
 class LwF(Finetune):
     paper = "Li & Hoiem, Learning without Forgetting, ECCV 2016 / TPAMI 2017"
+    tags = frozenset()  # not finetune's task_free: its teacher is the model of the last task
     constraints = Finetune.constraints | {"temperature": Interval(0, None, "neither"),
                                           "kd_weight": Interval(0, None)}
 

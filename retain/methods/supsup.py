@@ -17,10 +17,14 @@ Registered twice, as tags are per class:
 - ``supsup_gn``, mode NNs: no task id in training either (task-free). Every ``nns_every``
   batches, alpha is uniform over n = max(#masks, 5) slots (untrained slots are their initial
   random masks), g = -dH/dalpha; if max softmax(g) < ``nns_threshold``/n a new mask is allocated,
-  else the mask argmax g trains on. Labels are shared (output j = class j). The runner hands the
-  stream over task by task; the method ignores the boundaries (detection also runs on the first
-  batch of each call, as the official batch counter restarts with every task's loader), and
-  records which task was being learned when a mask was allocated only to report task inference.
+  else the mask argmax g trains on. Labels are shared (output j = class j). Its stream is a
+  task-free one (``TaskFree{k}:Permuted5``: unmarked segments of k samples, one ``learn`` call
+  each); given whole tasks it ignores their boundaries too. The batch count that times the
+  detection runs over the whole stream, across calls (the official counter restarts with every
+  task's loader, so it always checks at a task's start: a boundary hint a task-free learner
+  does not get); align ``nns_every`` with the steps per task to reproduce it. The id of the call
+  that allocated a mask is kept only to report task inference (the evaluator maps segment ids
+  to tasks).
 
 Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
 1 epoch, no weight decay). Differences from the official code: task inference takes the argmin
@@ -56,7 +60,7 @@ from ..layers.masked import (
 from ..layers.mlp import build_net
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import TASK_ID_AT_TEST, Method, count, register_method
+from .base import TASK_FREE, TASK_ID_AT_TEST, Method, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
 Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv"]
@@ -98,6 +102,8 @@ class SupSup(Method):
         self.seed_ = 0  # the frozen weights are drawn from it
         self.slot_task_: list[int] = []  # task being learned when each mask was allocated
         self.slot_classes_: list[tuple[int, ...]] = []  # GG/GN: the classes of each mask
+        self.nns_steps_ = 0  # NNs: batches trained over the whole stream
+        self.nns_slot_ = 0  # NNs: the mask being trained
 
     # -- learning ---------------------------------------------------------------------------
     def _learn(self, task: Task, ctx: Context) -> None:
@@ -106,6 +112,9 @@ class SupSup(Method):
             self.seed_ = int(torch.randint(2**62, (1,), generator=ctx.generator(0, 7)))
             self.net_ = self._make_net()
         self._check_outputs(task)
+        if task.free and self.mode != "NNs":
+            raise ConfigError(f"{self.name} mode {self.mode} trains one mask per task and needs "
+                              f"task boundaries; on a task-free stream use mode=NNs")
         self.net_.to(ctx.device)
         if self.mode == "NNs":
             return self._learn_task_free(task, ctx)
@@ -122,19 +131,20 @@ class SupSup(Method):
         self.net_.eval()
 
     def _learn_task_free(self, task: Task, ctx: Context) -> None:
-        """NNs: detect a new mask, or pick the one to train, every ``nns_every`` batches."""
+        """NNs: every ``nns_every`` batches *of the whole stream* (the count runs across calls,
+        so nothing depends on where a call begins), detect a new mask or pick the one to train;
+        in between, the current mask trains on."""
         targets = torch.from_numpy(task.train.targets)  # shared labels: output j = class j
-        opt = slot = None
-        for b, pos in enumerate(self._batches(len(task.train), ctx.generator(task.id, 1))):
-            if b % self.nns_every == 0:
-                x = self._images(task.train, pos, ctx)
-                slot, new = self._detect(x, task.id)
-                scores = [layer.scores[str(slot)] for layer in self.net_.masked_layers()]
-                if opt is None:
-                    opt, _ = self._optimizer(self._all_scores(), 0, schedule=False)
-                elif new:
-                    opt.add_param_group({"params": scores})
-            self._step(opt, None, task.train, pos, targets, slot, ctx)
+        opt = None
+        for pos in self._batches(len(task.train), ctx.generator(task.id, 1)):
+            if self.nns_steps_ % self.nns_every == 0 or not self.slot_task_:
+                self.nns_slot_, new = self._detect(self._images(task.train, pos, ctx), task.id)
+                if opt is not None and new:
+                    opt.add_param_group({"params": self._slot_scores(self.nns_slot_)})
+            if opt is None:
+                opt, _ = self._optimizer(self._all_scores(), 0, schedule=False)
+            self._step(opt, None, task.train, pos, targets, self.nns_slot_, ctx)
+            self.nns_steps_ += 1
         self.net_.eval()
 
     def _detect(self, x: torch.Tensor, task_id: int) -> tuple[int, bool]:
@@ -238,12 +248,16 @@ class SupSup(Method):
     def _all_scores(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.net_.masked_layers() for p in layer.scores.values()]
 
+    def _slot_scores(self, slot: int) -> list[torch.nn.Parameter]:
+        return [layer.scores[str(slot)] for layer in self.net_.masked_layers()]
+
     def _state(self) -> dict[str, torch.Tensor]:
         width = max([len(c) for c in self.slot_classes_], default=0)
         classes = [list(c) + [-1] * (width - len(c)) for c in self.slot_classes_]
         classes = torch.tensor(classes, dtype=torch.long).reshape(len(classes), width)  # (T, K)
         state = {"seed": torch.tensor([self.seed_]), "slot_task": torch.tensor(self.slot_task_),
-                 "slot_classes": classes}
+                 "slot_classes": classes,
+                 "nns": torch.tensor([self.nns_steps_, self.nns_slot_])}
         slots = range(len(self.slot_task_))
         for k, layer in enumerate(self.net_.masked_layers()):
             if self.mode == "NNs":  # task-free masks stay trainable: their scores are the state
@@ -257,6 +271,7 @@ class SupSup(Method):
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.seed_ = int(state["seed"])
+        self.nns_steps_, self.nns_slot_ = state["nns"].tolist()
         self.slot_task_ = state["slot_task"].tolist()
         self.slot_classes_ = [tuple(c for c in row if c >= 0) for row in
                               state["slot_classes"].tolist()]
@@ -290,7 +305,7 @@ class SupSup(Method):
 class SupSupGN(SupSup):
     """SupSup without the task id at test: GN (task inferred) or NNs (task-free)."""
 
-    tags = frozenset()
+    tags = frozenset({TASK_FREE})  # mode NNs only; GN refuses unmarked segments
     modes = ("GN", "NNs")
     constraints = SupSup.constraints | {"examples": Interval(1, None),
                                         "nns_threshold": Interval(0, None, "neither"),

@@ -11,7 +11,8 @@ from .streams import (
     TaskIncremental,
     superclass_order,
 )
+from .task_free import TaskFree
 
 __all__ = ["CIFAR100_SUPERCLASSES", "ClassIncremental", "DomainIncremental", "PermutedStream",
-           "RotatedStream", "Task", "TaskIncremental", "TaskKind", "class_order_for",
+           "RotatedStream", "Task", "TaskFree", "TaskIncremental", "TaskKind", "class_order_for",
            "make_scenario", "parse_notation", "superclass_order", "task_sizes"]

@@ -9,6 +9,8 @@
 | ``Rotated{n}`` | n tasks rotated by 0, 360/n, 2*360/n, ... degrees (domain-incremental) |
 | ``Domains`` | one task per domain of the dataset (e.g. DomainNet), in its order |
 | ``Domains:{a},{b},...`` | the same, domains by name (or id) in the order given |
+| ``TaskFree{k}:{name}`` | stream ``name`` learned task-free: unmarked segments of k samples |
+| ``TaskFree:{name}`` | the same with segments of 500 samples |
 """
 
 from __future__ import annotations
@@ -27,13 +29,21 @@ from .streams import (
     TaskIncremental,
     superclass_order,
 )
+from .task_free import TaskFree
 
 FORMS = ("B{m}Inc{n}, TIL-B{m}Inc{n}, Superclass-CIL, Superclass-TIL, Permuted{n}, Rotated{n}, "
-         "Domains, Domains:{a},{b},...")
+         "Domains, Domains:{a},{b},..., TaskFree{k}:{any of these}")
+SEGMENT = 500  # default task-free segment (samples per learn call)
 
 
 def make_scenario(bundle: DataBundle, name: str, seed: int | None = 1993):
     """The scenario ``name`` (see the module table) over ``bundle``."""
+    if m := re.fullmatch(r"TaskFree(\d*):(.+)", name):
+        inner = make_scenario(bundle, m.group(2), seed)
+        return TaskFree(inner, int(m.group(1) or SEGMENT), seed)
+    if name.startswith("TaskFree"):
+        raise ConfigError(f"task-free scenario {name!r}: write TaskFree{{k}}:{{stream}}, e.g. "
+                          f"TaskFree500:Permuted5 (segments of 500 samples)")
     if name.startswith("TIL-"):
         m, n = parse_notation(name[4:])
         return TaskIncremental(bundle, increment=n, initial_increment=m, seed=seed)
