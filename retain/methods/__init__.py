@@ -28,6 +28,7 @@ from . import (  # noqa: E402,F401  (registration)
     slca,
     sprompts,
     supsup,
+    supsup_gn,
     zscl,
 )
 from .base import (
@@ -36,6 +37,7 @@ from .base import (
     GROWS,
     METHODS,
     TAGS,
+    TASK_FREE,
     TASK_ID_AT_TEST,
     UPPER_BOUND,
     USES_MEMORY,
@@ -46,5 +48,5 @@ from .base import (
 )
 
 __all__ = ["FROZEN_AFTER_FIRST", "FROZEN_BACKBONE", "GROWS", "METHODS", "TAGS",
-           "TASK_ID_AT_TEST", "UPPER_BOUND", "USES_MEMORY", "Method", "create_method",
+           "TASK_FREE", "TASK_ID_AT_TEST", "UPPER_BOUND", "USES_MEMORY", "Method", "create_method",
            "method_params", "register_method"]

@@ -6,31 +6,13 @@ A random network (signed-constant weights, no bias) is never trained. Each task 
 forgotten. Each mask is the task's whole network, head included: the task's classes are the first
 outputs of its mask, the other outputs are superfluous (output 100 in the notebook).
 
-Registered twice, as tags are per class:
-- ``supsup``, mode GG: the task id is given in training and at test (needs_task_id_at_test).
-- ``supsup_gn``, mode GN: the id is given in training only; at test the task of every sample is
-  inferred by the one-shot algorithm: alpha uniform over the *learned* slots, the gradient g of
-  the output entropy H (or of G, the logsumexp over superfluous outputs) w.r.t. alpha, task =
-  argmin g; or by binary search (keep the slots with g <= median until one is left).
-  ``per_batch=True`` is the official evaluation protocol, labelled: one inference per test batch
-  of ``batch_size`` from its first ``examples`` samples (predictions then depend on the batch).
-- ``supsup_gn``, mode NNs: no task id in training either (task-free). Every ``nns_every``
-  batches, alpha is uniform over n = max(#masks, 5) slots (untrained slots are their initial
-  random masks), g = -dH/dalpha; if max softmax(g) < ``nns_threshold``/n a new mask is allocated,
-  else the mask argmax g trains on. Labels are shared (output j = class j). Its stream is a
-  task-free one (``TaskFree{k}:Permuted5``: unmarked segments of k samples, one ``learn`` call
-  each); given whole tasks it ignores their boundaries too. The batch count that times the
-  detection runs over the whole stream, across calls (the official counter restarts with every
-  task's loader, so it always checks at a task's start: a boundary hint a task-free learner
-  does not get); align ``nns_every`` with the steps per task to reproduce it. The id of the call
-  that allocated a mask is kept only to report task inference (the evaluator maps segment ids
-  to tasks).
+Registered twice, as tags are per class: ``supsup``, mode GG, here (the task id is given in
+training and at test: needs_task_id_at_test), and ``supsup_gn`` (modes GN and NNs, task inferred
+at test; ``retain/methods/supsup_gn.py``), which builds on this class.
 
 Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
-1 epoch, no weight decay). Differences from the official code: task inference takes the argmin
-over learned slots only (the official one over every allocated slot could pick an untrained one,
-pitfall §4.20), per sample by default; masks are kept as bool and packed to 1 bit in checkpoints
-(not float stacks); the frozen weights are regenerated from a stored seed, not stored. Not
+1 epoch, no weight decay). Differences from the official code: masks are kept as bool and packed
+to 1 bit in checkpoints (not float stacks); the frozen weights are regenerated from a stored seed, not stored. Not
 implemented: ResNet backbones (GEMResNet18, ResNet-50), ER per-layer densities, HopSupSup,
 BatchE/Transfer baselines and CIFAR augmentation. "density" is the official "sparsity".
 """
@@ -52,19 +34,16 @@ from ..layers.masked import (
     MaskedLinear,
     MultitaskBatchNorm,
     SupermaskNet,
-    entropy,
     pack_masks,
-    superfluous_logsumexp,
     unpack_masks,
 )
 from ..layers.mlp import build_net
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import TASK_FREE, TASK_ID_AT_TEST, Method, count, register_method
+from .base import TASK_ID_AT_TEST, Method, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
 Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv"]
-NNS_MIN_SLOTS = 5  # the task-free detector compares at least 5 masks (official ``maxn``)
 NEG = -1e9  # logits of classes outside the predicted mask
 
 
@@ -102,11 +81,14 @@ class SupSup(Method):
         self.seed_ = 0  # the frozen weights are drawn from it
         self.slot_task_: list[int] = []  # task being learned when each mask was allocated
         self.slot_classes_: list[tuple[int, ...]] = []  # GG/GN: the classes of each mask
-        self.nns_steps_ = 0  # NNs: batches trained over the whole stream
-        self.nns_slot_ = 0  # NNs: the mask being trained
 
     # -- learning ---------------------------------------------------------------------------
     def _learn(self, task: Task, ctx: Context) -> None:
+        self._prepare(task, ctx)
+        self._learn_slot(task, ctx)
+
+    def _prepare(self, task: Task, ctx: Context) -> None:
+        """Build the random network on first use; check that ``task`` fits this mode."""
         if self.net_ is None:
             self._check_mode()
             self.seed_ = int(torch.randint(2**62, (1,), generator=ctx.generator(0, 7)))
@@ -116,8 +98,9 @@ class SupSup(Method):
             raise ConfigError(f"{self.name} mode {self.mode} trains one mask per task and needs "
                               f"task boundaries; on a task-free stream use mode=NNs")
         self.net_.to(ctx.device)
-        if self.mode == "NNs":
-            return self._learn_task_free(task, ctx)
+
+    def _learn_slot(self, task: Task, ctx: Context) -> None:
+        """GG/GN: a new mask for ``task``, trained on it, then frozen."""
         slot = len(self.slot_task_)
         self.slot_task_.append(task.id)
         self.slot_classes_.append(task.classes)
@@ -129,37 +112,6 @@ class SupSup(Method):
             self._step(opt, sched, task.train, pos, targets, slot, ctx)
         self.net_.freeze(slot)
         self.net_.eval()
-
-    def _learn_task_free(self, task: Task, ctx: Context) -> None:
-        """NNs: every ``nns_every`` batches *of the whole stream* (the count runs across calls,
-        so nothing depends on where a call begins), detect a new mask or pick the one to train;
-        in between, the current mask trains on."""
-        targets = torch.from_numpy(task.train.targets)  # shared labels: output j = class j
-        opt = None
-        for pos in self._batches(len(task.train), ctx.generator(task.id, 1)):
-            if self.nns_steps_ % self.nns_every == 0 or not self.slot_task_:
-                self.nns_slot_, new = self._detect(self._images(task.train, pos, ctx), task.id)
-                if opt is not None and new:
-                    opt.add_param_group({"params": self._slot_scores(self.nns_slot_)})
-            if opt is None:
-                opt, _ = self._optimizer(self._all_scores(), 0, schedule=False)
-            self._step(opt, None, task.train, pos, targets, self.nns_slot_, ctx)
-            self.nns_steps_ += 1
-        self.net_.eval()
-
-    def _detect(self, x: torch.Tensor, task_id: int) -> tuple[int, bool]:
-        """(mask to train, whether it is new) by SupSup's gradient-confidence test."""
-        learned = len(self.slot_task_)
-        if learned:
-            n = max(learned, NNS_MIN_SLOTS)
-            alphas = torch.full((n,), 1.0 / n, device=x.device)
-            self.net_.eval()
-            g = -self.net_.alpha_gradients(x, alphas, entropy).mean(0)  # (n,)
-            if float(g.softmax(0).max()) >= self.nns_threshold / n:
-                return int(g[:learned].argmax()), False
-        self.net_.add_slot(learned)
-        self.slot_task_.append(task_id)
-        return learned, True
 
     def _step(self, opt, sched, split: Split, pos: np.ndarray, targets: torch.Tensor,
               slot: int, ctx: Context) -> None:
@@ -248,16 +200,12 @@ class SupSup(Method):
     def _all_scores(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.net_.masked_layers() for p in layer.scores.values()]
 
-    def _slot_scores(self, slot: int) -> list[torch.nn.Parameter]:
-        return [layer.scores[str(slot)] for layer in self.net_.masked_layers()]
-
     def _state(self) -> dict[str, torch.Tensor]:
         width = max([len(c) for c in self.slot_classes_], default=0)
         classes = [list(c) + [-1] * (width - len(c)) for c in self.slot_classes_]
         classes = torch.tensor(classes, dtype=torch.long).reshape(len(classes), width)  # (T, K)
         state = {"seed": torch.tensor([self.seed_]), "slot_task": torch.tensor(self.slot_task_),
-                 "slot_classes": classes,
-                 "nns": torch.tensor([self.nns_steps_, self.nns_slot_])}
+                 "slot_classes": classes}
         slots = range(len(self.slot_task_))
         for k, layer in enumerate(self.net_.masked_layers()):
             if self.mode == "NNs":  # task-free masks stay trainable: their scores are the state
@@ -271,7 +219,6 @@ class SupSup(Method):
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.seed_ = int(state["seed"])
-        self.nns_steps_, self.nns_slot_ = state["nns"].tolist()
         self.slot_task_ = state["slot_task"].tolist()
         self.slot_classes_ = [tuple(c for c in row if c >= 0) for row in
                               state["slot_classes"].tolist()]
@@ -300,88 +247,3 @@ class SupSup(Method):
         learned = len(self.slot_task_) * (weights + stats)
         return {"trainable": learned, "total": backbone + weights + learned}
 
-
-@register_method("supsup_gn")
-class SupSupGN(SupSup):
-    """SupSup without the task id at test: GN (task inferred) or NNs (task-free)."""
-
-    tags = frozenset({TASK_FREE})  # mode NNs only; GN refuses unmarked segments
-    modes = ("GN", "NNs")
-    constraints = SupSup.constraints | {"examples": Interval(1, None),
-                                        "nns_threshold": Interval(0, None, "neither"),
-                                        "nns_every": Interval(1, None)}
-
-    def __init__(self, backbone, *, mode: Mode = "GN", net: Net = "fc300x300",
-                 output_size: int = 100, mask: Literal["threshold", "topk"] = "threshold",
-                 density: float = 0.5, batchnorm: bool = False, epochs: int = 1,
-                 max_steps: int = 0, batch_size: int = 128,
-                 optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop", lr: float = 1e-4,
-                 weight_decay: float = 0.0, cosine: bool = False,
-                 inference: Literal["oneshot", "binary"] = "oneshot",
-                 objective: Literal["entropy", "superfluous"] = "entropy",
-                 per_batch: bool = False, examples: int = 1, nns_threshold: float = 1.125,
-                 nns_every: int = 100):
-        super().__init__(backbone, mode=mode, net=net, output_size=output_size, mask=mask,
-                         density=density, batchnorm=batchnorm, epochs=epochs,
-                         max_steps=max_steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
-                         weight_decay=weight_decay, cosine=cosine)
-        self.inference = inference  # one-shot argmin, or binary search (halving by the median)
-        self.objective = objective  # entropy (H) or superfluous-neuron logsumexp (G)
-        self.per_batch = per_batch  # official protocol: one inference per test batch (labelled)
-        self.examples = examples  # per_batch: samples of the batch used (data_to_repeat)
-        self.nns_threshold = nns_threshold  # NNs: new mask when max softmax(g) < this / n
-        self.nns_every = nns_every  # NNs: batches between two detections
-
-    @property
-    def uses_batch_information(self) -> bool:
-        return self.per_batch
-
-    def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
-        return self._logits(split, ctx, self._infer_slots(split, ctx))
-
-    def infer_task(self, split: Split, ctx: Context) -> np.ndarray:
-        """(N,) inferred task ids (NNs: the task during which the inferred mask was allocated)."""
-        return np.asarray(self.slot_task_)[self._infer_slots(split, ctx)]
-
-    def _infer_slots(self, split: Split, ctx: Context) -> np.ndarray:
-        bs = self.batch_size if self.per_batch else ctx.batch_size
-        slots = np.zeros(len(split), dtype=np.int64)
-        self.net_.to(ctx.device).eval()
-        for start in range(0, len(split), bs):
-            pos = np.arange(start, min(len(split), start + bs))
-            x = self._images(split, pos, ctx)
-            x = x[: self.examples] if self.per_batch else x
-            slots[pos] = self._infer(x, joint=self.per_batch).cpu().numpy()  # (B,) or (1,)
-        return slots
-
-    def _infer(self, x: torch.Tensor, joint: bool) -> torch.Tensor:
-        """Slot per sample (B,), or one slot (1,) for the mean objective of the batch."""
-        learned = len(self.slot_task_)
-        alive = torch.ones(1 if joint else len(x), learned, dtype=torch.bool, device=x.device)
-        rounds = 1 if self.inference == "oneshot" else math.ceil(math.log2(learned)) + 1
-        for _ in range(rounds):
-            if (alive.sum(1) == 1).all():
-                break
-            for pattern in alive.unique(dim=0):
-                if pattern.sum() == 1:
-                    continue
-                rows = (alive == pattern).all(1)  # samples whose candidates are `pattern`
-                alphas = pattern.float() / pattern.sum()  # (T,)
-                g = self.net_.alpha_gradients(x if joint else x[rows], alphas, self._objective())
-                g = g.mean(0, keepdim=True) if joint else g  # (b, T)
-                alive[rows] = self._survivors(g, pattern)
-        return alive.float().argmax(1)  # the (first) surviving slot
-
-    def _survivors(self, g: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-        """One-shot: the argmin; binary: the candidates with g <= their median."""
-        g = g.masked_fill(~pattern, float("inf"))  # never an unlearned or dropped slot
-        if self.inference == "oneshot":
-            return F.one_hot(g.argmin(1), len(pattern)).bool()
-        median = g[:, pattern].median(1, keepdim=True).values  # lower median (torch, official)
-        return (g <= median) & pattern
-
-    def _objective(self):
-        if self.objective == "entropy":
-            return entropy
-        real = self.num_classes_ if self.mode == "NNs" else max(map(len, self.slot_classes_))
-        return superfluous_logsumexp(real)
