@@ -71,3 +71,24 @@ def summary(correct: np.ndarray, total: np.ndarray) -> dict:
             "last_accuracy": last_accuracy(seen), "forgetting": forgetting(r),
             "backward_transfer": backward_transfer(r), "seen_accuracy": seen.tolist(),
             "old_accuracy": old.tolist(), "new_accuracy": new.tolist()}
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); 0.5 without both classes."""
+    positive = np.asarray(positive, bool)
+    p, n = int(positive.sum()), int((~positive).sum())
+    if p == 0 or n == 0:
+        return 0.5
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inverse, ranks) / counts)[inverse]
+    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def mean_class_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the k columns of ``scores`` (N, k) of the one-vs-rest ROC AUC of class c (labels
+    in 0..k-1): DEN's metric (official ``DEN.py::get_performance``, ``ops.py::ROC_AUC``)."""
+    labels = np.asarray(labels)
+    return float(np.mean([roc_auc(scores[:, c], labels == c) for c in range(scores.shape[1])]))

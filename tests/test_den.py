@@ -1,6 +1,7 @@
 """DEN: expansion when the loss stays above the threshold, deletion of dead new units, timestamp
-slicing, split/duplication of drifted units, multi-class selection, AUROC, and an end-to-end run
-on MNIST-5k TIL-B0Inc2."""
+slicing, split/duplication of drifted units, multi-class selection, the proximal steps
+(``retain.layers.sparse``), AUROC (``retain.metrics``), and an end-to-end run on MNIST-5k
+TIL-B0Inc2."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import retain
 from retain.backbones import create_backbone
 from retain.context import Context
 from retain.evaluation import evaluate
+from retain.layers.sparse import group_soft_threshold_, reachable_units, soft_threshold_
 from retain.methods import create_method
-from retain.methods.den import roc_auc
+from retain.metrics import mean_class_auroc, roc_auc
 from retain.scenarios import make_scenario
 
 
@@ -116,7 +118,7 @@ def test_selection_reads_every_output_of_the_head():
     m.weights_[1][2, 1] = 1.0  # unit 2 of layer 1 feeds unit 1 of layer 2
     head = torch.zeros(4, 3)
     head[1, 2] = 0.5  # only the third output uses unit 1 (column 0 is all zero)
-    keep = m._select(head)
+    keep = reachable_units(m.weights_, head)
     assert keep[1].tolist() == [1] and keep[0].tolist() == [2]
 
 
@@ -126,6 +128,31 @@ def test_roc_auc_matches_scikit_learn():
     rng = np.random.RandomState(0)
     scores, labels = rng.randint(0, 5, 300).astype(float), rng.rand(300) < 0.3  # with ties
     assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_mean_class_auroc_matches_scikit_learn_one_vs_rest():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.RandomState(1)
+    labels = rng.randint(0, 4, 200)
+    scores = rng.randn(200, 4) + 1.5 * np.eye(4)[labels]  # informative, not perfect
+    scores[:, 2] = np.round(scores[:, 2])  # ties in one column
+    expected = np.mean([roc_auc_score(labels == c, scores[:, c]) for c in range(4)])
+    assert mean_class_auroc(scores, labels) == pytest.approx(expected)
+    assert 0.7 < expected < 1.0
+
+
+def test_l1_soft_threshold_by_hand():
+    x = torch.tensor([[0.5, -0.05], [-2.0, 0.1]])
+    soft_threshold_(x, 0.1)  # sign(x) max(|x| - 0.1, 0)
+    assert torch.allclose(x, torch.tensor([[0.4, 0.0], [-1.9, 0.0]]))
+
+
+def test_group_lasso_prox_shrinks_whole_columns_by_hand():
+    w = torch.tensor([[3.0, 0.3, 0.0], [4.0, 0.4, 0.0]])  # column norms 5, 0.5, 0
+    group_soft_threshold_(w, 1.0)  # w_g * max(0, 1 - 1 / ||w_g||)
+    expected = torch.tensor([[3.0 * 0.8, 0.0, 0.0], [4.0 * 0.8, 0.0, 0.0]])
+    assert torch.allclose(w, expected)  # the norm-0.5 column dies entirely, no NaN on zeros
 
 
 def test_end_to_end_on_split_mnist():

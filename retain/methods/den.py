@@ -41,7 +41,8 @@ after every selective retraining, as the paper's Algorithm 1 (the code splits on
 expansion); a copy keeps the unit's current outgoing weights (the code gives the current head
 random rows and the copies U(0, 1) biases); no validation early stop (the code's test on a
 10-point moving average changing by < 1e-6 practically never fires). DEN's own metric, mean
-per-class AUROC, is ``DEN.auroc``; the runner reports accuracy.
+per-class AUROC (``retain.metrics.mean_class_auroc``), is ``DEN.auroc``; the runner reports
+accuracy. Prox steps, unit selection / deletion / duplication: ``retain/layers/sparse.py``.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ import torch.nn.functional as F
 from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
+from ..layers import sparse
+from ..layers.sparse import Head, forward, glorot, leaves
+from ..metrics import mean_class_auroc
 from ..params import Interval
 from ..scenarios.base import Task
 from .base import GROWS, TASK_ID_AT_TEST, Method, count, register_method
 
 NEG = -1e9  # logits of classes outside the sample's task
-Head = tuple[torch.Tensor, torch.Tensor]  # (width, k) weight, (k,) bias
 
 
 @register_method("den")
@@ -140,30 +143,22 @@ class DEN(Method):
         head = leaves(head)
         self._train(list(head), lambda x: forward(x, self.weights_, self.biases_, head), data,
                     max(1, self.steps // 10))
-        keep = self._select(head[0].detach())  # per hidden layer, the selected units
+        keep = sparse.reachable_units(self.weights_, head[0].detach())  # from every output
         rows = [torch.arange(self.weights_[0].shape[0]), *keep[:-1]]
         sub_w = leaves(w[r][:, k] for w, r, k in zip(self.weights_, rows, keep, strict=True))
         sub_b = leaves(b[k] for b, k in zip(self.biases_, keep, strict=True))
         sub_h = leaves((head[0][keep[-1]], head[1]))
         old_w = [w[r][:, k] for w, r, k in zip(prev[0], rows, keep, strict=True)]
         old_b = [b[k] for b, k in zip(prev[1], keep, strict=True)]
-        penalty = self._drift_penalty(sub_w + sub_b, old_w + old_b)
+        penalty = sparse.drift_penalty(sub_w + sub_b, old_w + old_b, self.drift_reg)
         loss = self._train([*sub_w, *sub_b, *sub_h], lambda x: forward(x, sub_w, sub_b, sub_h),
                            data, self.steps, penalty)
         with torch.no_grad():
             for w, b, r, k, sw, sb in zip(self.weights_, self.biases_, rows, keep, sub_w, sub_b,
                                           strict=True):
-                w[r[:, None], k[None]] = sw
-                b[k] = sb
+                w[r[:, None], k[None]], b[k] = sw, sb
             head[0][keep[-1]] = sub_h[0]
         return (head[0].detach(), sub_h[1].detach()), loss
-
-    def _select(self, head_w: torch.Tensor) -> list[torch.Tensor]:
-        """Breadth-first from the top: units with a non-zero weight into the selected above."""
-        keep = [(head_w != 0).any(1)]  # (width,) any output of the head, not column 0
-        for w in reversed(self.weights_[1:]):
-            keep.insert(0, (w[:, keep[0]] != 0).any(1))
-        return [k.nonzero().flatten() if k.any() else torch.arange(len(k)) for k in keep]
 
     def _expand(self, head: Head, data) -> Head:
         """Add k units per hidden layer; train them with group sparsity; drop the dead ones."""
@@ -185,63 +180,24 @@ class DEN(Method):
                     self.steps, groups=[*bw, *tw])
         with torch.no_grad():
             self.weights_, self.biases_, head = grown()
-            head = self._drop_dead_units(head)
+            head = (sparse.drop_dead_units(self.weights_, self.biases_, head[0], k), head[1])
         self._detach()
         return tuple(t.detach() for t in head)
 
-    def _drop_dead_units(self, head: Head) -> Head:
-        """Delete, top-down, the new units whose incoming weights are all zero."""
-        hw = head[0]
-        for layer in reversed(range(len(self.weights_))):
-            w = self.weights_[layer]
-            alive = torch.ones(w.shape[1], dtype=torch.bool)
-            alive[-self.expand_units :] = (w[:, -self.expand_units :] != 0).any(0)
-            self.weights_[layer], self.biases_[layer] = w[:, alive], self.biases_[layer][alive]
-            if layer + 1 < len(self.weights_):
-                self.weights_[layer + 1] = self.weights_[layer + 1][alive]
-            else:
-                hw = hw[alive]
-        return hw, head[1]
-
     def _split(self, head: Head, prev, data) -> Head:
         """Restore the most drifted old units to their t-1 weights; append copies; retrain."""
-        chosen = [self._drifted(w, p) for w, p in zip(self.weights_, prev[0], strict=True)]
+        chosen = [sparse.most_drifted(w, p, self.split_threshold, self.expand_units)
+                  for w, p in zip(self.weights_, prev[0], strict=True)]
         if not any(len(c) for c in chosen):
             return head
-        hw = head[0]
-        for layer, idx in enumerate(chosen):
-            w, b, p = self.weights_[layer], self.biases_[layer], prev[0][layer]
-            copy_w, copy_b = w[:, idx].clone(), b[idx].clone()
-            w[: p.shape[0], idx], b[idx] = p[:, idx], prev[1][layer][idx]
-            self.weights_[layer] = torch.cat([w, copy_w], 1)
-            self.biases_[layer] = torch.cat([b, copy_b])
-            if layer + 1 < len(self.weights_):  # outgoing rows: the original's restored
-                up, p_up = self.weights_[layer + 1], prev[0][layer + 1]
-                copy_up = up[idx].clone()
-                up[idx, : p_up.shape[1]] = p_up[idx]
-                self.weights_[layer + 1] = torch.cat([up, copy_up], 0)
-            else:
-                hw = torch.cat([hw, hw[idx]], 0)
+        hw = sparse.duplicate_units(self.weights_, self.biases_, prev, chosen, head[0])
         head = leaves((hw, head[1]))
         trunk = [t.requires_grad_() for t in self.weights_ + self.biases_]
-        penalty = self._drift_penalty(trunk, prev[0] + prev[1])
+        penalty = sparse.drift_penalty(trunk, prev[0] + prev[1], self.drift_reg)
         self._train([*trunk, *head], lambda x: forward(x, self.weights_, self.biases_, head),
                     data, self.steps, penalty)
         self._detach()
         return tuple(t.detach() for t in head)
-
-    def _drifted(self, w: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """Old units whose incoming weights moved by more than sigma, most drifted first."""
-        rho = (w[: prev.shape[0], : prev.shape[1]] - prev).norm(dim=0)  # (old units,)
-        cand = (rho > self.split_threshold).nonzero().flatten()
-        return cand[rho[cand].argsort(descending=True)][: self.expand_units]
-
-    def _drift_penalty(self, now: list[torch.Tensor], old: list[torch.Tensor]) -> Callable:
-        """drift_reg/2 sum ||now[old slice] - old||^2."""
-        def penalty() -> torch.Tensor:
-            return self.drift_reg / 2 * sum((n[tuple(slice(s) for s in o.shape)] - o).pow(2).sum()
-                                            for n, o in zip(now, old, strict=True))
-        return penalty
 
     def _train(self, params: list[torch.Tensor], fwd: Callable, data, steps: int,
                penalty: Callable | None = None, groups: list[torch.Tensor] = ()) -> float:
@@ -263,10 +219,9 @@ class DEN(Method):
             opt.step()
             with torch.no_grad():
                 for p in params:
-                    p.copy_(p.sign() * (p.abs() - self.l1 * shrink).clamp_min(0))
-                for g in groups:  # columns are groups: w_g * max(0, 1 - lambda / ||w_g||)
-                    norm = g.norm(dim=0, keepdim=True)
-                    g.mul_((1 - self.group_lasso * shrink / norm.clamp_min(1e-12)).clamp_min(0))
+                    sparse.soft_threshold_(p, self.l1 * shrink)
+                for g in groups:  # a column (a new unit's incoming weights) is a group
+                    sparse.group_soft_threshold_(g, self.group_lasso * shrink)
         return float(loss.detach())
 
     def _data_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -309,9 +264,7 @@ class DEN(Method):
             with torch.no_grad():
                 scores = self.task_logits(x[torch.from_numpy(rows)], int(t)).numpy()
             local = {c: i for i, c in enumerate(self.task_classes_[t])}
-            y = np.array([local[int(c)] for c in split.targets[rows]])
-            out[int(t)] = float(np.mean([roc_auc(scores[:, c], y == c)
-                                         for c in range(scores.shape[1])]))
+            out[int(t)] = mean_class_auroc(scores, [local[int(c)] for c in split.targets[rows]])
         return out
 
     def _inputs(self, split: Split) -> torch.Tensor:
@@ -344,32 +297,3 @@ class DEN(Method):
         learned += sum(w.numel() + b.numel() for w, b in self.heads_)
         return {"trainable": learned, "total": count(self.backbone.model) + learned}
 
-
-def forward(x: torch.Tensor, weights, biases, head: Head) -> torch.Tensor:
-    for w, b in zip(weights, biases, strict=True):
-        x = torch.relu(x @ w + b)  # (B, out)
-    return x @ head[0] + head[1]  # (B, k)
-
-
-def glorot(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """TensorFlow's default initialiser (glorot uniform; a vector of n uses fans n and n)."""
-    fan_in, fan_out = (shape[0], shape[-1])
-    bound = (6.0 / (fan_in + fan_out)) ** 0.5
-    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-
-
-def leaves(tensors) -> list[torch.Tensor]:
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties averaged); 0.5 without both classes."""
-    p, n = int(positive.sum()), int((~positive).sum())
-    if p == 0 or n == 0:
-        return 0.5
-    order = np.argsort(scores, kind="stable")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.bincount(inverse, ranks) / counts)[inverse]
-    return float((ranks[positive].sum() - p * (p + 1) / 2) / (p * n))
