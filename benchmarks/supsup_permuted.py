@@ -18,7 +18,15 @@ dataset), so none is the notebook's number. Reported:
   per test batch of 128 from its first image; batches are task-pure here, as in the notebook).
 
     python benchmarks/supsup_permuted.py [--runs mnist5k:1 mnist5k:15 fashion_mnist:1]
-                                         [--threads 1]
+        [--nns mnist5k:15:500:60 fashion_mnist:1:7500:59 ...] [--threads 1]
+    python benchmarks/supsup_permuted.py --data-root DIR --runs mnist:1 --nns mnist:1:7500:59
+        # the notebook's own setting, on the full MNIST IDX files in DIR
+
+NNs rows (task-free): the same 5 tasks handed over as unmarked segments (``TaskFree{k}:``);
+masks are allocated by SupSup's detector alone; accuracy without any task id, task inference
+counted as correct when the inferred mask was opened during the sample's task. Each setting runs
+twice: the detector checked at every segment start (``nns_every`` = steps per segment), and at
+the official every 100 batches, which falls some batches after a task change.
 
 Writes benchmarks/results/supsup_permuted.json and prints a markdown table.
 """
@@ -46,8 +54,8 @@ def accuracy(logits: torch.Tensor, targets: np.ndarray) -> float:
     return float((logits.argmax(1).numpy() == targets).mean() * 100)
 
 
-def run(dataset: str, epochs: int, ctx: Context) -> dict:
-    stream = make_scenario(create_dataset(dataset).load(), "Permuted5", seed=0)
+def run(dataset: str, epochs: int, ctx: Context, root: str | None) -> dict:
+    stream = make_scenario(create_dataset(dataset, root).load(), "Permuted5", seed=0)
     backbone = create_backbone("pixels")
     gg = create_method("supsup", backbone, epochs=epochs)
     t0 = time.perf_counter()
@@ -79,17 +87,55 @@ def run(dataset: str, epochs: int, ctx: Context) -> dict:
             "parameters": gg.parameter_counts()}
 
 
+def run_nns(dataset: str, epochs: int, ctx: Context, root: str | None, segment: int,
+            every: int) -> dict:
+    """NNs on the same 5 tasks handed over task-free: unmarked segments of ``segment`` images,
+    ``epochs`` passes over each, the official NNs network (FC 784-300-100, 500 outputs) and
+    detector (threshold 1.125/n over n = max(#masks, 5)) checked every ``every`` batches."""
+    stream = make_scenario(create_dataset(dataset, root).load(), f"TaskFree{segment}:Permuted5",
+                           seed=0)
+    m = create_method("supsup_gn", create_backbone("pixels"), mode="NNs", epochs=epochs,
+                      net="fc300x100", output_size=500, nns_every=every)
+    t0 = time.perf_counter()
+    for t in range(len(stream)):
+        for seg in stream.segments(t):
+            m.learn(seg, ctx)
+    seconds_learn = time.perf_counter() - t0
+    acc, inferred = [], []
+    for task in stream:
+        acc.append(accuracy(m.predict(task.test, ctx), task.test.targets))
+        found = stream.task_of(m.infer_task(task.test, ctx))  # segment of allocation -> task
+        inferred.append(float((found == task.id).mean() * 100))
+    return {"dataset": dataset, "segment": segment, "epochs_per_segment": epochs,
+            "nns_every": every, "steps_per_segment": m._num_steps(segment),
+            "segments_per_task": stream.num_segments(0), "steps": m.nns_steps_,
+            "masks": len(m.slot_task_),
+            "mask_opened_in_task": stream.task_of(np.array(m.slot_task_)).tolist(),
+            "accuracy": [round(a, 2) for a in acc], "accuracy_average": round(np.mean(acc), 2),
+            "task_inference": [round(a, 2) for a in inferred],
+            "task_inference_average": round(float(np.mean(inferred)), 2),
+            "seconds_learn": seconds_learn}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=["mnist5k:1", "mnist5k:15", "fashion_mnist:1"],
                     help="DATASET:EPOCHS per task")
+    ap.add_argument("--nns", nargs="*", default=["mnist5k:15:500:60", "mnist5k:15:500:100",
+                                                 "fashion_mnist:1:7500:59",
+                                                 "fashion_mnist:1:7500:100"],
+                    help="DATASET:EPOCHS:SEGMENT:EVERY task-free NNs runs")
+    ap.add_argument("--data-root", default=None,
+                    help="folder of the full MNIST IDX files, for runs named mnist:EPOCHS")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(Path(__file__).parent / "results/supsup_permuted.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ctx = Context(batch_size=128, seed=1993)
-    rows = [run(r.split(":")[0], int(r.split(":")[1]), ctx) for r in args.runs]
-    out = {"notebook": NOTEBOOK, "rows": rows, "cpu_threads": args.threads,
+    rows = [run(r.split(":")[0], int(r.split(":")[1]), ctx, args.data_root) for r in args.runs]
+    nns = [run_nns(d, int(e), ctx, args.data_root, int(k), int(n))
+           for d, e, k, n in (r.split(":") for r in args.nns)]
+    out = {"notebook": NOTEBOOK, "rows": rows, "nns": nns, "cpu_threads": args.threads,
            "platform": platform.platform(), "torch": torch.__version__}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
@@ -104,6 +150,14 @@ def main() -> None:
               f"{r['gn_average']} | {r['gn_per_batch_average']} | "
               f"{r['inference_all_average']} / {r['inference_50_average']} | "
               f"{r['seconds_learn']:.0f} |")
+    print("\n| NNs task-free: data | segment x epochs (steps) | check every | masks (opened in "
+          "task) | accuracy avg | task inference avg | learn s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in nns:
+        print(f"| {r['dataset']} | {r['segment']} x {r['epochs_per_segment']} "
+              f"({r['steps_per_segment']}) | {r['nns_every']} | {r['masks']} "
+              f"{r['mask_opened_in_task']} | {r['accuracy_average']} | "
+              f"{r['task_inference_average']} | {r['seconds_learn']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ at test; ``retain/methods/supsup_gn.py``), which builds on this class.
 
 Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
 1 epoch, no weight decay). Differences from the official code: masks are kept as bool and packed
-to 1 bit in checkpoints (not float stacks); the frozen weights are regenerated from a stored seed, not stored. Not
-implemented: ResNet backbones (GEMResNet18, ResNet-50), ER per-layer densities, HopSupSup,
-BatchE/Transfer baselines and CIFAR augmentation. "density" is the official "sparsity".
+to 1 bit in checkpoints (not float stacks); the frozen weights are regenerated from a stored
+seed, not stored. Not implemented: ResNet backbones (GEMResNet18, ResNet-50), ER per-layer
+densities, HopSupSup, BatchE/Transfer baselines and CIFAR augmentation. "density" is the
+official "sparsity".
 """
 
 from __future__ import annotations
