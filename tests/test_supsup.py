@@ -13,6 +13,7 @@ from retain.backbones import create_backbone
 from retain.context import Context
 from retain.evaluation import evaluate
 from retain.layers.masked import (
+    MaskedConv2d,
     MaskedLinear,
     MultitaskBatchNorm,
     SupermaskNet,
@@ -82,8 +83,9 @@ def test_frozen_masks_are_bool_and_pack_to_one_bit():
     assert torch.equal(unpack_masks(packed, layer.shape)[0], expected)
 
 
-def small_net(batchnorm: bool) -> SupermaskNet:
-    body = build_net("fc300x100", (1, 4, 4), 12, linear=MaskedLinear,
+def small_net(batchnorm: bool, name: str = "fc300x100") -> SupermaskNet:
+    shape = (3, 8, 8) if name == "resnet18_gem" else (1, 4, 4)
+    body = build_net(name, shape, 12, linear=MaskedLinear, conv=MaskedConv2d,
                      norm=MultitaskBatchNorm if batchnorm else None)
     net = SupermaskNet(body, seed=5)
     for slot in range(3):
@@ -94,10 +96,13 @@ def small_net(batchnorm: bool) -> SupermaskNet:
     return net.eval()
 
 
-@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("batchnorm,name", [(False, "fc300x100"), (True, "fc300x100"),
+                                            (True, "resnet18_gem")])
 @pytest.mark.parametrize("objective", [entropy, superfluous_logsumexp(4)])
-def test_alpha_gradients_equal_autograd_sample_by_sample(batchnorm, objective):
-    net, x = small_net(batchnorm), torch.randn(5, 1, 4, 4)
+def test_alpha_gradients_equal_autograd_sample_by_sample(batchnorm, name, objective):
+    """Also through GEM's residual blocks: every masked layer is linear in its own weight."""
+    net = small_net(batchnorm, name)
+    x = torch.randn(5, 3, 8, 8) if name == "resnet18_gem" else torch.randn(5, 1, 4, 4)
     alphas = torch.tensor([0.5, 0.0, 0.5])  # slot 1 left out of the superposition
     g = net.alpha_gradients(x, alphas, objective)  # (5, 3)
     for n in range(5):
@@ -127,6 +132,28 @@ def test_learning_a_task_leaves_earlier_tasks_bit_identical_with_per_task_bn(bun
     copy.load_state_dict(m.state_dict())  # per-task statistics round-trip
     ids = np.ones(len(stream[1].test), dtype=np.int64)
     assert torch.equal(copy.predict(stream[1].test, c, ids), m.predict(stream[1].test, c, ids))
+
+
+def test_gem_resnet18_of_masked_layers_matches_gem_and_isolates_tasks(bundle):
+    """SupSup's GEMResNet18 (SplitCIFAR100): the masked network has the plain reduced
+    ResNet-18's conv weights (nf 20) plus a bias-free head; per-task BN keeps task 0 intact."""
+    from retain.layers.resnet import ReducedResNet18
+
+    backbone = create_backbone("pixels_rgb", image_size=16)
+    m = create_method("supsup", backbone, net="resnet18_gem", output_size=5, mask="topk",
+                      batchnorm=True, epochs=2, lr=0.01, batch_size=8)
+    stream, c = tiny_til(bundle), ctx()
+    m.learn(stream[0], c)
+    convs = sum(p.numel() for n, p in ReducedResNet18().named_parameters() if "conv" in n
+                or "shortcut.0" in n)
+    assert sum(x.num_weights for x in m.net_.masked_layers()) == convs + 160 * 5
+    assert len(m.net_.norms()) == 1 + 8 * 2 + 3  # stem, two per block, three shortcuts
+    ids = np.zeros(len(stream[0].test), dtype=np.int64)
+    before = m.predict(stream[0].test, c, ids)
+    m.learn(stream[1], c)
+    assert torch.equal(m.predict(stream[0].test, c, ids)[:, :2], before)
+    layer = m.net_.masked_layers()[1]
+    assert layer.frozen(0).float().mean() == pytest.approx(0.5, abs=1e-3)  # top-k density
 
 
 def test_one_shot_never_picks_an_unlearned_slot():

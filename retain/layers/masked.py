@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import InjectedBlock
+
 Selector = int | torch.Tensor  # a slot, or (T,) superposition weights over slots 0..T-1
 
 
@@ -154,12 +156,13 @@ class MaskedLinear(MaskedLayer):
 
 
 class MaskedConv2d(MaskedLayer):
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: int, **kw):
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: int,
+                 stride: int = 1, **kw):
         super().__init__((out_channels, in_channels, kernel, kernel), in_channels * kernel**2, **kw)
-        self.padding = padding
+        self.padding, self.stride = padding, stride
 
     def apply_weight(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, padding=self.padding)  # (B, out, H, W)
+        return F.conv2d(x, w, stride=self.stride, padding=self.padding)  # (B, out, H', W')
 
 
 class MultitaskBatchNorm(nn.Module):
@@ -213,10 +216,10 @@ class SupermaskNet(nn.Module):
             layer.reset(hash((seed, k)))
 
     def masked_layers(self) -> list[MaskedLayer]:
-        return [m for m in self.body if isinstance(m, MaskedLayer)]
+        return [m for m in self.body.modules() if isinstance(m, MaskedLayer)]
 
     def norms(self) -> list[MultitaskBatchNorm]:
-        return [m for m in self.body if isinstance(m, MultitaskBatchNorm)]
+        return [m for m in self.body.modules() if isinstance(m, MultitaskBatchNorm)]
 
     def add_slot(self, slot: int) -> list[nn.Parameter]:
         """Trainable scores for ``slot`` in every masked layer (and its own norm statistics)."""
@@ -232,16 +235,21 @@ class SupermaskNet(nn.Module):
     def forward(self, x: torch.Tensor, sel: Selector, record: list | None = None
                 ) -> torch.Tensor:
         """Logits (B, out); ``record`` collects (layer, input, output) of every masked layer."""
-        for layer in self.body:
+
+        def call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if isinstance(layer, MaskedLayer):
                 out = layer(x, sel)
                 if record is not None:
                     record.append((layer, x, out))
-                x = out
-            elif isinstance(layer, MultitaskBatchNorm):
-                x = layer(x, sel)
-            else:
-                x = layer(x)
+                return out
+            if isinstance(layer, MultitaskBatchNorm):
+                return layer(x, sel)
+            if isinstance(layer, InjectedBlock):  # residual block: its sub-layers come back here
+                return layer(x, call)
+            return layer(x)
+
+        for layer in self.body:
+            x = call(layer, x)
         return x
 
     def alpha_gradients(self, x: torch.Tensor, alphas: torch.Tensor, objective: Objective

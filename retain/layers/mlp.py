@@ -7,6 +7,7 @@
 | ``fc1024`` | 784-1024-1024 | SupSup ``small.py::FC1024`` |
 | ``fc312x128`` | 784-312-128 | DEN ``DEN_run.py`` (dims [784, 312, 128, 10]) |
 | ``lenet_conv`` | conv5x5(20)-pool-conv5x5(50)-pool-800-500 | APD's LeNet-like CIFAR network |
+| ``resnet18_gem`` | GEM's reduced ResNet-18, nf 20 (``resnet.py``) | SupSup ``GEMResNet18`` |
 
 The input size comes from the images (784 = 1 x 28 x 28 above). Layers are injected, timm style:
 ``build_net`` takes the constructors of the linear and conv layers (and an optional per-layer
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ConfigError
+from .resnet import reduced_resnet
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ NETS: dict[str, NetSpec] = {
 }
 
 Linear = Callable[[int, int], nn.Module]  # (in_features, out_features)
-Conv = Callable[[int, int, int, int], nn.Module]  # (in_channels, out_channels, kernel, padding)
+Conv = Callable[..., nn.Module]  # (in_channels, out_channels, kernel, padding[, stride])
 Norm = Callable[[int], nn.Module]  # (num_features) -> applied to (B, C) or (B, C, H, W)
 
 
@@ -56,10 +58,14 @@ def build_net(name: str, in_shape: tuple[int, int, int], out_features: int, *,
 
     ``norm`` (e.g. a BatchNorm) goes after every hidden layer, before its ReLU.
     """
+    conv = conv or (lambda i, o, k, p, s=1: nn.Conv2d(i, o, k, stride=s, padding=p))
+    if name == "resnet18_gem":
+        return reduced_resnet(in_shape[0], out_features, conv, norm or (lambda c: nn.Identity()),
+                              linear)
     if name not in NETS:
-        raise ConfigError(f"unknown network {name!r}; use one of: {', '.join(NETS)}")
+        raise ConfigError(f"unknown network {name!r}; use one of: "
+                          f"{', '.join([*NETS, 'resnet18_gem'])}")
     spec = NETS[name]
-    conv = conv or (lambda i, o, k, p: nn.Conv2d(i, o, k, padding=p))
     c, h, w = in_shape
     layers: list[nn.Module] = []
     for channels in spec.convs:

@@ -13,9 +13,10 @@ at test; ``retain/methods/supsup_gn.py``), which builds on this class.
 Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
 1 epoch, no weight decay). Differences from the official code: masks are kept as bool and packed
 to 1 bit in checkpoints (not float stacks); the frozen weights are regenerated from a stored
-seed, not stored. Not implemented: ResNet backbones (GEMResNet18, ResNet-50), ER per-layer
-densities, HopSupSup, BatchE/Transfer baselines and CIFAR augmentation. "density" is the
-official "sparsity".
+seed, not stored. ``net="resnet18_gem"`` is the official SplitCIFAR100 ``GEMResNet18`` (masked
+convolutions, per-task non-affine BN with ``batchnorm=True``). Not implemented: ResNet-50
+(SplitImageNet), ER per-layer densities, HopSupSup, BatchE/Transfer baselines and CIFAR
+augmentation. "density" is the official "sparsity".
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from ..scenarios.base import Task
 from .base import TASK_ID_AT_TEST, Method, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
-Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv"]
+Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv", "resnet18_gem"]
 NEG = -1e9  # logits of classes outside the predicted mask
 
 
@@ -194,7 +195,7 @@ class SupSup(Method):
         kw = {"mask": self.mask, "density": self.density}
         body = build_net(self.net, (pre.channels, pre.size, pre.size), self.output_size,
                          linear=lambda i, o: MaskedLinear(i, o, **kw),
-                         conv=lambda i, o, k, p: MaskedConv2d(i, o, k, p, **kw),
+                         conv=lambda i, o, k, p, s=1: MaskedConv2d(i, o, k, p, s, **kw),
                          norm=MultitaskBatchNorm if self.batchnorm else None)
         return SupermaskNet(body, self.seed_)
 
