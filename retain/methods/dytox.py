@@ -26,26 +26,32 @@ Followed the official code, with these deliberate differences:
 - augmentation is RandomCrop(pad 4) + horizontal flip only (no RandAugment / colour jitter);
 - LR = ``lr`` × batch / 512 as the code; the default batch 256 is the authors' 2 GPUs × 128.
 DyTox+ is ``mixup=0.8`` (MixUp with label smoothing 0.1 on soft BCE targets, also in finetuning).
+The network, the loss, MixUp and the crop/flip augmentation live in ``retain.layers.dytox``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
-from ..layers.task_attention import TaskAttentionBlock
+from ..layers.dytox import (
+    DyToxNet,
+    TaskEmbeddings,
+    build_dytox,
+    crop_flip,
+    dytox_loss,
+    mixup,
+    seeded,
+    soft_targets,
+)
+from ..layers.inject import frozen_copy
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
@@ -106,7 +112,7 @@ class DyTox(Method):
     def _learn(self, task: Task, ctx: Context) -> None:
         n_old = task.num_seen - len(task.new_classes)
         self._check(task, n_old)
-        with seeded(ctx, task.id, 0):
+        with seeded(ctx.generator(task.id, 0), ctx.device):
             if self.net_ is None:
                 self.net_ = self._build()
             teacher = frozen_copy(self.net_).to(ctx.device) if task.id > 0 else None
@@ -140,15 +146,10 @@ class DyTox(Method):
                               "ones (class- or task-incremental streams)")
 
     def _build(self) -> DyToxNet:
-        pre, n = self.backbone.preprocess, self.depth
-        encoder = VisionTransformer(
-            img_size=pre.size, patch_size=self.patch_size, in_chans=pre.channels, num_classes=0,
-            global_pool="", class_token=False, final_norm=False, embed_dim=self.embed_dim,
-            depth=n, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=False,
-            drop_path_rate=self.drop_path * (n - 1) / n)
-        tab = TaskAttentionBlock(self.embed_dim, self.num_heads, self.mlp_ratio,
-                                 drop_path=self.drop_path)
-        return DyToxNet(encoder, tab)
+        pre = self.backbone.preprocess
+        return build_dytox(pre.size, pre.channels, patch_size=self.patch_size,
+                           embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                           mlp_ratio=self.mlp_ratio, drop_path=self.drop_path)
 
     def _freeze(self, finetuning: bool) -> None:
         """Task training: old tokens and heads frozen. Finetuning: the encoder frozen."""
@@ -204,14 +205,12 @@ class DyTox(Method):
         smoothing = self.smoothing if self.mixup > 0 else 0.0
         target = soft_targets(y, self.net_.num_classes, smoothing)  # (B, C_seen)
         if self.mixup > 0:
-            lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
-                        .beta(self.mixup, self.mixup))
-            x, target = lam * x + (1 - lam) * x.flip(0), lam * target + (1 - lam) * target.flip(0)
+            x, target = mixup(x, target, self.mixup, g)
         return x, target
 
     def _embeddings(self, split: Split, ctx: Context) -> torch.Tensor:
         """(N, t·D) concatenated task embeddings e_1..e_t, without augmentation (herding)."""
-        model = _Embeddings(self.net_)
+        model = TaskEmbeddings(self.net_)
         return predict_batches(model, image_inputs(self.backbone, split), len(split), ctx)
 
     # -- prediction and state -------------------------------------------------------------------
@@ -237,121 +236,3 @@ class DyTox(Method):
         n = 0 if self.net_ is None else count(self.net_)
         return {"trainable": n, "total": n + count(self.backbone.model)}
 
-
-class DyToxNet(nn.Module):
-    """Shared encoder + TAB; one task token and one LN → Linear head per task."""
-
-    def __init__(self, encoder: VisionTransformer, tab: TaskAttentionBlock):
-        super().__init__()
-        self.encoder = encoder
-        self.tab = tab
-        self.tokens = nn.ParameterList()
-        self.heads = nn.ModuleList()
-        self.div_head: Head | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return sum(h.fc.out_features for h in self.heads)
-
-    def add_task(self, num_classes: int, divergence: bool) -> None:
-        """A new trunc-normal(0.02) token, a new head, and a fresh divergence head."""
-        dim = self.encoder.embed_dim
-        token = nn.Parameter(torch.zeros(1, 1, dim))
-        trunc_normal_(token, std=0.02)
-        self.tokens.append(token)
-        self.heads.append(Head(dim, num_classes))
-        self.div_head = Head(dim, num_classes + 1) if divergence else None
-
-    def embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """e_1..e_t, each (B, D): every task token attends to the same encoder output."""
-        patches = self.encoder.forward_features(x)  # (B, N, D)
-        return [self.tab(t.expand(len(x), -1, -1), patches)[:, 0] for t in self.tokens]
-
-    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits over all seen classes (B, C) and divergence logits (B, |C_t| + 1) or None."""
-        e = self.embeddings(x)
-        logits = torch.cat([h(ei) for h, ei in zip(self.heads, e, strict=True)], dim=1)
-        div = None if self.div_head is None else self.div_head(e[-1])
-        return logits, div
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.outputs(x)[0]  # (B, C)
-
-
-class Head(nn.Module):
-    """DyTox's ``ContinualClassifier``: LayerNorm then Linear."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(e))
-
-
-class _Embeddings(nn.Module):
-    def __init__(self, net: DyToxNet):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.net.embeddings(x), dim=1)  # (B, t·D)
-
-
-def dytox_loss(logits: torch.Tensor, div: torch.Tensor | None, old: torch.Tensor | None,
-               target: torch.Tensor, *, tau: float, div_weight: float
-               ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(1 − α)·BCE + α·τ²·KL + λ_div·BCE_div with α = n_old / n_all (``engine.py::forward``).
-
-    logits (B, n_all), div (B, n_new + 1) or None, old = teacher logits (B, n_old) or None,
-    target (B, n_all) soft targets.
-    """
-    clf = F.binary_cross_entropy_with_logits(logits, target)
-    if old is None:
-        return clf, {"clf": clf.item(), "alpha": 0.0}
-    n_old, n_all = old.shape[1], logits.shape[1]
-    alpha = n_old / n_all
-    kl = F.kl_div(F.log_softmax(logits[:, :n_old] / tau, dim=1), F.log_softmax(old / tau, dim=1),
-                  reduction="sum", log_target=True)
-    kd = tau**2 * kl / old.numel()  # kl_div(reduction='mean'): over batch x old classes
-    loss = (1 - alpha) * clf + alpha * kd
-    parts = {"clf": clf.item(), "kd": kd.item(), "alpha": alpha}
-    if div is not None:
-        div_target = torch.cat([target[:, :n_old].sum(1, keepdim=True), target[:, n_old:]], 1)
-        div_loss = F.binary_cross_entropy_with_logits(div, div_target)  # (B, n_new + 1) targets
-        loss = loss + div_weight * div_loss
-        parts["div"] = div_loss.item()
-    return loss, parts
-
-
-def soft_targets(y: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """One-hot (B, C) with timm's label smoothing: off = s / C, on = 1 − s + s / C."""
-    off = smoothing / num_classes
-    return F.one_hot(y, num_classes).float() * (1 - smoothing) + off
-
-
-def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
-    """RandomCrop(S, padding=pad) and a horizontal flip with probability 1/2, per image."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))  # (B, C, S+2p, S+2p)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=g).tolist()
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
-    if flip:
-        mask = torch.rand(b, generator=g) < 0.5
-        out[mask] = out[mask].flip(-1)
-    return out  # (B, C, S, S)
-
-
-def frozen_copy(net: DyToxNet) -> DyToxNet:
-    return copy.deepcopy(net).requires_grad_(False).eval()
-
-
-@contextlib.contextmanager
-def seeded(ctx: Context, *salt: int):
-    """Global RNG draws inside (timm's initialisation, stochastic depth) seeded from ``ctx``, so a
-    run is reproducible and resumable; the caller's RNG state is restored afterwards."""
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator(*salt))))
-        yield
