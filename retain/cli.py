@@ -12,7 +12,9 @@ RUN_FLAGS = {  # flag -> (config key, type, help)
     "--method": ("method", str, "method name (retain list methods)"),
     "--dataset": ("dataset", str, "dataset name (retain list datasets)"),
     "--data-root": ("data_root", str, "folder holding the dataset"),
-    "--scenario": ("scenario", str, "B{m}Inc{n}, e.g. B0Inc10"),
+    "--scenario": ("scenario", str, "B{m}Inc{n} (e.g. B0Inc10), TIL-B{m}Inc{n}, "
+                   "Superclass-CIL|TIL, Permuted{n}, Rotated{n}, Domains, "
+                   "TaskFree{k}:{any of these}"),
     "--task-order": ("task_order", str, "A-E (APD's official orders) or task indices '2,0,1'"),
     "--backbone": ("backbone", str, "backbone name (retain list backbones)"),
     "--weights": ("weights", str, "local weights file (.safetensors, .npz, .pth; CLIP: .bin, "
