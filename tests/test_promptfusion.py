@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from retain.backbones import create_backbone
 from retain.context import Context
@@ -27,6 +28,7 @@ from retain.layers.promptfusion import (
 )
 from retain.methods import create_method
 from retain.scenarios import make_scenario
+from retain.training import predict_batches
 
 FAST = {"booster": "vit_tiny_random", "epochs": 8, "lr": 0.03, "batch_size": 4,
         "context_length": 2, "clip_prompt_length": 2, "booster_prompt_length": 2,
@@ -127,6 +129,65 @@ def test_contexts_reach_the_text_tower_and_old_ones_stay_bit_identical(clip_tiny
     assert net.contexts[1].requires_grad and len(net.tokens) == 4
     net.text_features(2, 4).sum().backward()  # gradients reach the current contexts
     assert net.contexts[1].grad.abs().sum() > 0
+
+
+class _ReEncoded(nn.Module):
+    """The prediction before the text features were stored: every class text re-encoded."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_clip, x_vit):
+        texts = self.net.text_features(0, len(self.net.tokens))  # (C, E)
+        return self.net(x_clip, x_vit, texts)
+
+
+def predict_counting_text_calls(method, split, ctx):
+    """(logits, number of text-tower forward passes during ``method.predict``)."""
+    calls = []
+    handle = method.net_.text.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        return method.predict(split, ctx), len(calls)
+    finally:
+        handle.remove()
+
+
+def test_stored_text_features_predict_as_re_encoding_without_the_text_tower(clip_tiny, stream):
+    m, ctx = create_method("promptfusion", clip_tiny, **FAST | {"epochs": 2}), fresh_ctx()
+    for task in stream:
+        m.learn(task, ctx)
+    net, test = m.net_, stream[2].test
+    assert [len(f) for f in net.stored] == [2, 2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(net.stored), net.text_features(0, 6),
+                                   rtol=0, atol=1e-6)
+    got, calls = predict_counting_text_calls(m, test, ctx)
+    assert calls == 0
+    calls_before = []  # the same hook counts the re-encoding of the previous prediction
+    handle = net.text.transformer.register_forward_hook(lambda *a: calls_before.append(1))
+    with torch.no_grad():
+        want = predict_batches(_ReEncoded(net), m._inputs(test), len(test), ctx)  # (N, 6)
+    handle.remove()
+    assert len(calls_before) == -(-len(test) // ctx.batch_size)  # one per batch here
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_state_round_trip_predicts_bit_identically(clip_tiny, stream):
+    m, ctx = create_method("promptfusion", clip_tiny, **FAST | {"epochs": 1}), fresh_ctx()
+    for task in stream[:2]:
+        m.learn(task, ctx)
+    test = stream[1].test
+    state = m.state_dict()
+    width = clip_tiny.text.text_projection.shape[1]  # E
+    assert state["texts.0"].shape == state["texts.1"].shape == (2, width)
+    b = create_method("promptfusion", clip_tiny, **FAST)
+    b.load_state_dict(state)
+    got, calls = predict_counting_text_calls(b, test, ctx)
+    assert calls == 0 and torch.equal(got, m.predict(test, ctx))
+    old = create_method("promptfusion", clip_tiny, **FAST)  # a state saved before storing
+    old.load_state_dict({k: v for k, v in state.items() if not k.startswith("texts.")})
+    torch.testing.assert_close(old.predict(test, ctx), got, rtol=0, atol=1e-6)
 
 
 def test_memory_budget_is_respected(clip_tiny, stream):

@@ -21,14 +21,16 @@ w = [θ/σ(β) | σ(α)] weights old/new class columns (θ = t/2; α (bs × n_ne
 row b); on the first task w = 1. λ starts at 1. AdamW, gradient clipping at 1, cosine.
 Exemplars: 5,000 in total, iCaRL herding on the frozen CLIP image features (continuum's
 "barycenter" = moving-barycenter herding, ``retain.memory.herding``). A test image costs two
-prompted passes; the class texts are encoded once per prediction call.
+prompted passes; no class text is encoded at prediction (stored when its task ends).
 
 Deviations: (1) each model gets its own preprocessing (the official feeds CLIP-normalised
 images to the ImageNet ViT); (2) the booster's prompt tokens get the class token's positional
 embedding (official: a resized positional table); (3) cosine schedule per step, not per epoch,
 and the last partial batch is kept (official ``drop_last``; it uses the first rows of α, β);
-(4) old classes' text features are computed once per task (numerically the same: frozen
-contexts, frozen tower); (5) α is re-created (at 1) when the number of new classes changes.
+(4) old classes' text features are encoded once per task for training, and each task's
+once more at the end of its ``learn``, stored (with the state) for every prediction (the same
+numbers up to float rounding: frozen contexts, frozen tower); (5) α is re-created (at 1) when
+the number of new classes changes.
 ``booster_head="token"`` (not official; L2P's ``head_type``) feeds the booster's class token to
 the head instead. No test runs real weights (none offline).
 """
@@ -113,6 +115,7 @@ class PromptFusion(Method):
             train = Split.concat([train, self.memory_.as_split()])
         if self.epochs:
             self._fit(train, task, n_old, ctx)
+        net.eval().store_text_features()
         self.memory_.update(task.train, ctx.features(self.backbone, task.train))
 
     def _inputs(self, split: Split):
@@ -141,12 +144,13 @@ class PromptFusion(Method):
 
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
         net = self.net_.to(ctx.device).eval()
-        texts = net.text_features(0, self.num_classes_)  # (C, E)
+        texts = torch.cat(net.stored).to(ctx.device)  # (C, E) stored: nothing is re-encoded
         return predict_batches(_Fused(net, texts, None), self._inputs(split), len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
         net = {f"net.{k}": v for k, v in self.net_.state_dict().items() if not k.startswith(FROZEN)}
-        return net | self.memory_.state("memory.")
+        texts = {f"texts.{t}": f for t, f in enumerate(self.net_.stored)}  # (n_t, E) each
+        return net | texts | self.memory_.state("memory.")
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.memory_ = ExemplarMemory(self.memory_size, selection="herding")
@@ -154,6 +158,9 @@ class PromptFusion(Method):
         net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
         self.net_ = self._build()
         self.net_.restore(net)
+        n = sum(k.startswith("texts.") for k in state)
+        self.net_.stored = [state[f"texts.{t}"] for t in range(n)]
+        self.net_.eval().store_text_features()  # a state without them: encode them once
 
     def parameter_counts(self) -> dict[str, int]:
         frozen = count(self.backbone.model) + count(self.backbone.text)
@@ -182,6 +189,7 @@ class _PFNet(nn.Module):
         self.alpha = nn.Parameter(torch.ones(0, 0))
         self.beta = nn.Parameter(torch.ones(0, 0))
         self.theta = 0.0
+        self.stored: list[torch.Tensor] = []  # (n_t, E) text features of each ended task
         self.register_buffer("tokens", torch.zeros(0, text.context_length, dtype=torch.long))
 
     def train(self, mode: bool = True) -> _PFNet:
@@ -225,6 +233,15 @@ class _PFNet(nn.Module):
         tokens = self.tokens[lo:hi]  # (n, L)
         emb = embed_with_context(self.text.token_embedding, tokens, ctx)  # (n, L, W)
         return F.normalize(self.text.encode_embedded(emb, tokens.argmax(-1)), dim=-1)
+
+    def store_text_features(self) -> None:
+        """Encode, once, the class texts of the tasks not stored yet (their contexts are frozen
+        from now on: the next task trains only its own)."""
+        lo = sum(len(f) for f in self.stored)
+        with torch.no_grad():
+            for context in self.contexts[len(self.stored):]:  # (n_t, M, W)
+                self.stored.append(self.text_features(lo, lo + len(context)))  # (n_t, E)
+                lo += len(context)
 
     def forward(self, x_clip: torch.Tensor, x_vit: torch.Tensor, texts: torch.Tensor
                 ) -> torch.Tensor:
