@@ -2,6 +2,11 @@
 
 ``fit`` is an explicit loop (nanoGPT style): SGD with momentum and a cosine schedule to 0, as
 LAMDA-PILOT's learners use; the caller supplies how a batch of positions becomes an input.
+
+The helpers at the bottom train and query the network of a classic baseline (``finetune`` and
+its subclasses ``lwf``, ``ewc``, ``icarl``, ``replay``, ``joint``): a method ``m`` with
+``net_`` (a backbone copy, None when frozen), ``head_`` and the optimiser settings ``epochs``,
+``lr``, ``batch_size``, ``weight_decay``, ``momentum``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone
 from .context import Context
 from .datasets.base import Split
+from .layers.distill import Carry, kd_loss
 from .transforms import Augment
 
 Inputs = Callable[[np.ndarray], torch.Tensor]
@@ -117,6 +123,18 @@ def task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, classes) -> 
     return F.cross_entropy(logits.masked_fill(~keep, float("-inf")), targets)
 
 
+def distill_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, classes,
+                 kd_weight: float, temperature: float) -> torch.Tensor:
+    """CE over ``classes`` (None: every class) + λ_kd · KD of the first ``old`` logits (B, old)
+    towards the teacher's (B, old); the KD term is absent while there is no old class (LwF,
+    iCaRL)."""
+    ce = F.cross_entropy(logits, y) if classes is None else task_cross_entropy(logits, y, classes)
+    old = teacher.shape[1]
+    if not old:
+        return ce
+    return ce + kd_weight * kd_loss(logits[:, :old], teacher, temperature)
+
+
 def query_inputs(backbone: Backbone, split: Split, ctx: Context, *,
                  augment: Augment | None = None, generator: torch.Generator | None = None
                  ) -> Inputs:
@@ -136,3 +154,76 @@ def query_inputs(backbone: Backbone, split: Split, ctx: Context, *,
         return x, q
 
     return inputs
+
+
+# -- the classic baselines' network: backbone copy (or none, if frozen) + head ----------------
+def network(m) -> nn.Module:
+    """The model ``m`` trains: its head alone (frozen backbone, on cached features) or
+    backbone copy + head."""
+    return m.head_ if m.net_ is None else nn.Sequential(m.net_, m.head_)
+
+
+def inputs_of(m, split: Split, ctx: Context) -> Inputs:
+    """Positions of ``split`` -> what ``network(m)`` takes: cached features or images."""
+    if m.net_ is None:
+        return feature_inputs(ctx.features(m.backbone, split))
+    return image_inputs(m.backbone, split)
+
+
+def teacher_logits(m, inputs: Inputs, n: int, ctx: Context) -> torch.Tensor:
+    """(n, old) logits of the network as it is now (before the head grows): the teacher."""
+    if m.head_.num_classes == 0:
+        return torch.zeros(n, 0)
+    return predict_batches(network(m), inputs, n, ctx)
+
+
+def features_of(m, split: Split, ctx: Context) -> torch.Tensor:
+    """(len(split), D) features of the current network (the backbone's, cached, if frozen)."""
+    if m.net_ is None:
+        return ctx.features(m.backbone, split)
+    return predict_batches(m.net_, image_inputs(m.backbone, split), len(split), ctx)
+
+
+def carrying(inputs: Inputs, extra: torch.Tensor) -> Inputs:
+    """Positions -> (inputs, extra rows): a per-sample tensor travels with the batch."""
+    return lambda pos: (inputs(pos), extra[torch.from_numpy(pos)])
+
+
+def fit_with(m, inputs: Inputs, targets, ctx: Context, generator: torch.Generator,
+             loss_fn: Callable) -> list[float]:
+    """Train ``network(m)`` with ``m``'s optimiser settings; ``inputs(pos)`` gives (x, extra)
+    and ``loss_fn((logits, extra), y)``."""
+    if m.net_ is not None:
+        m.net_.requires_grad_(True)
+    return fit(Carry(network(m)), inputs, torch.as_tensor(targets), ctx, epochs=m.epochs,
+               lr=m.lr, batch_size=m.batch_size, weight_decay=m.weight_decay,
+               momentum=m.momentum, generator=generator, loss_fn=loss_fn, desc=f"{m.name} task")
+
+
+def train(m, split: Split, ctx: Context, generator: torch.Generator) -> list[float]:
+    """Train ``m.net_`` (unless frozen) and ``m.head_`` with cross-entropy on ``split``."""
+    targets = torch.from_numpy(split.targets)
+    if m.net_ is None:
+        model, inputs = m.head_, feature_inputs(ctx.features(m.backbone, split))
+    else:
+        model, inputs = nn.Sequential(m.net_, m.head_), image_inputs(m.backbone, split)
+        m.net_.requires_grad_(True)
+    return fit(model, inputs, targets, ctx, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size,
+               weight_decay=m.weight_decay, momentum=m.momentum, generator=generator,
+               desc=f"{m.name} task")
+
+
+def predict(m, split: Split, ctx: Context) -> torch.Tensor:
+    """(len(split), C) logits of ``m.head_`` on the features of ``m.net_`` (or, if frozen, the
+    cached backbone features), in order."""
+    if m.net_ is None:
+        feats = ctx.features(m.backbone, split)
+        return predict_batches(m.head_, feature_inputs(feats), len(split), ctx)
+    model = nn.Sequential(m.net_, m.head_)
+    return predict_batches(model, image_inputs(m.backbone, split), len(split), ctx)
+
+
+def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Load into ``module`` the entries of ``state`` whose keys start with ``prefix`` (stripped),
+    strictly: every key of ``module`` must be there."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -18,7 +18,7 @@ from retain.memory import herding
 from retain.methods import create_method
 from retain.methods.ewc import fisher_diagonal, online_fisher
 from retain.methods.icarl import MISSING, exemplar_means, nme_logits
-from retain.methods.lwf import distill_loss, features_of, inputs_of
+from retain.training import distill_loss, features_of, inputs_of
 from tests.conftest import mnist_subset
 
 FAST = {"epochs": 8, "lr": 0.05, "batch_size": 4}

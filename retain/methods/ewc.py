@@ -36,10 +36,9 @@ from ..context import Context
 from ..datasets.base import Split
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import task_cross_entropy
+from ..training import fit_with, inputs_of, network, task_cross_entropy
 from .base import register_method
 from .finetune import Finetune
-from .lwf import fit_with, inputs_of, network
 
 Params = dict[str, torch.Tensor]
 

@@ -20,7 +20,7 @@ from ..datasets.base import Split
 from ..layers.heads import IncrementalLinear
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, image_inputs, predict_batches
+from ..training import load_prefixed, predict, train
 from .base import TASK_FREE, Method, count, register_method
 
 
@@ -75,27 +75,3 @@ class Finetune(Method):
         body = count(self.backbone.model)
         return {"trainable": head + (0 if self.freeze_backbone else body), "total": head + body}
 
-
-def train(m, split: Split, ctx: Context, generator: torch.Generator) -> list[float]:
-    """Train ``m.net_`` (unless frozen) and ``m.head_`` with cross-entropy on ``split``."""
-    targets = torch.from_numpy(split.targets)
-    if m.net_ is None:
-        model, inputs = m.head_, feature_inputs(ctx.features(m.backbone, split))
-    else:
-        model, inputs = nn.Sequential(m.net_, m.head_), image_inputs(m.backbone, split)
-        m.net_.requires_grad_(True)
-    return fit(model, inputs, targets, ctx, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size,
-               weight_decay=m.weight_decay, momentum=m.momentum, generator=generator,
-               desc=f"{m.name} task")
-
-
-def predict(m, split: Split, ctx: Context) -> torch.Tensor:
-    if m.net_ is None:
-        feats = ctx.features(m.backbone, split)
-        return predict_batches(m.head_, feature_inputs(feats), len(split), ctx)
-    model = nn.Sequential(m.net_, m.head_)
-    return predict_batches(model, image_inputs(m.backbone, split), len(split), ctx)
-
-
-def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> None:
-    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

@@ -37,9 +37,17 @@ from ..datasets.base import Split
 from ..memory import ExemplarMemory, Selection
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import (
+    carrying,
+    distill_loss,
+    features_of,
+    fit_with,
+    inputs_of,
+    predict,
+    teacher_logits,
+)
 from .base import USES_MEMORY, register_method
-from .finetune import Finetune, predict
-from .lwf import carrying, distill_loss, features_of, fit_with, inputs_of, teacher_logits
+from .finetune import Finetune
 
 MISSING = -5.0  # logit of a class without exemplars: below any -‖f̂ - μ̂‖² of unit vectors
 

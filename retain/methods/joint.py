@@ -9,8 +9,9 @@ import torch
 from ..context import Context
 from ..memory import SampleStore
 from ..scenarios.base import Task
+from ..training import train
 from .base import UPPER_BOUND, USES_MEMORY, register_method
-from .finetune import Finetune, train
+from .finetune import Finetune
 
 
 @register_method("joint")

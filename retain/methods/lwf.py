@@ -16,32 +16,14 @@ computed once per image before training (one no-grad pass, exactly the values Py
 network gives every epoch) instead of keeping a copy of the old network; SGD + cosine schedule
 (``retain.training.fit``) instead of MultiStepLR; one schedule for every task (PyCIL has a
 separate ``init_*`` schedule for the first).
-
-The helpers at the bottom (network, inputs, features of the current network, ``fit`` with a
-per-sample extra) are shared by ``ewc``, ``icarl`` and ``replay``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from ..context import Context
-from ..datasets.base import Split
-from ..layers.distill import Carry, kd_loss
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import (
-    Inputs,
-    feature_inputs,
-    fit,
-    image_inputs,
-    predict_batches,
-    task_cross_entropy,
-)
+from ..training import carrying, distill_loss, fit_with, inputs_of, teacher_logits
 from .base import register_method
 from .finetune import Finetune
 
@@ -76,57 +58,3 @@ class LwF(Finetune):
         fit_with(self, carrying(x, teacher), task.train.targets, ctx, ctx.generator(task.id, 1),
                  loss_fn)
 
-
-def distill_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor, classes,
-                 kd_weight: float, temperature: float) -> torch.Tensor:
-    """CE over ``classes`` (None: every class) + λ_kd · KD of the first ``old`` logits (B, old)
-    towards the teacher's (B, old); the KD term is absent while there is no old class."""
-    ce = F.cross_entropy(logits, y) if classes is None else task_cross_entropy(logits, y, classes)
-    old = teacher.shape[1]
-    if not old:
-        return ce
-    return ce + kd_weight * kd_loss(logits[:, :old], teacher, temperature)
-
-
-# -- shared by the classic baselines ----------------------------------------------------------
-def network(m) -> nn.Module:
-    """The model ``m`` trains: its head alone (frozen backbone, on cached features) or
-    backbone copy + head."""
-    return m.head_ if m.net_ is None else nn.Sequential(m.net_, m.head_)
-
-
-def inputs_of(m, split: Split, ctx: Context) -> Inputs:
-    """Positions of ``split`` -> what ``network(m)`` takes: cached features or images."""
-    if m.net_ is None:
-        return feature_inputs(ctx.features(m.backbone, split))
-    return image_inputs(m.backbone, split)
-
-
-def teacher_logits(m, inputs: Inputs, n: int, ctx: Context) -> torch.Tensor:
-    """(n, old) logits of the network as it is now (before the head grows): the teacher."""
-    if m.head_.num_classes == 0:
-        return torch.zeros(n, 0)
-    return predict_batches(network(m), inputs, n, ctx)
-
-
-def features_of(m, split: Split, ctx: Context) -> torch.Tensor:
-    """(len(split), D) features of the current network (the backbone's, cached, if frozen)."""
-    if m.net_ is None:
-        return ctx.features(m.backbone, split)
-    return predict_batches(m.net_, image_inputs(m.backbone, split), len(split), ctx)
-
-
-def carrying(inputs: Inputs, extra: torch.Tensor) -> Inputs:
-    """Positions -> (inputs, extra rows): a per-sample tensor travels with the batch."""
-    return lambda pos: (inputs(pos), extra[torch.from_numpy(pos)])
-
-
-def fit_with(m, inputs: Inputs, targets, ctx: Context, generator: torch.Generator,
-             loss_fn: Callable) -> list[float]:
-    """Train ``network(m)`` with ``m``'s optimiser settings; ``inputs(pos)`` gives (x, extra)
-    and ``loss_fn((logits, extra), y)``."""
-    if m.net_ is not None:
-        m.net_.requires_grad_(True)
-    return fit(Carry(network(m)), inputs, torch.as_tensor(targets), ctx, epochs=m.epochs,
-               lr=m.lr, batch_size=m.batch_size, weight_decay=m.weight_decay,
-               momentum=m.momentum, generator=generator, loss_fn=loss_fn, desc=f"{m.name} task")

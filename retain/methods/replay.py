@@ -28,10 +28,9 @@ from ..context import Context
 from ..memory import ExemplarMemory, Selection
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import Inputs
+from ..training import Inputs, features_of, fit_with, inputs_of
 from .base import USES_MEMORY, register_method
 from .finetune import Finetune
-from .lwf import features_of, fit_with, inputs_of
 
 
 @register_method("replay")

@@ -48,10 +48,9 @@ from ..datasets.base import Split
 from ..layers.gaussian import ClassGaussians
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, predict_batches
+from ..training import feature_inputs, fit, load_prefixed, predict_batches
 from ..transforms import Augment
 from .base import GROWS, Method, count, register_method
-from .finetune import load_prefixed
 
 
 class TaskHeads(nn.Module):

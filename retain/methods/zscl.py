@@ -45,9 +45,8 @@ from ..errors import ConfigError
 from ..layers.zscl import distillation, merge_running_mean, read_reference, warmup_cosine, weight_l2
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, predict_batches
+from ..training import image_inputs, load_prefixed, predict_batches
 from .base import Method, count, register_method
-from .finetune import load_prefixed
 
 
 class ClipPair(nn.Module):
