@@ -370,3 +370,22 @@ def test_registry(vit):
         P.attach(tiny_vit(), "ssf", bottleneck=3)
     with pytest.raises(TypeError, match="VisionTransformer"):
         P.attach_adapter(torch.nn.Linear(2, 2))
+
+
+def test_load_without_trunk_accepts_only_a_missing_frozen_copy():
+    from retain.layers.inject import load_without_trunk, without_trunk
+
+    def net():
+        n = torch.nn.Module()
+        n.vit, n.head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)
+        return n
+
+    state = without_trunk(net())
+    assert set(state) == {"head.weight", "head.bias"}
+    fresh = net()
+    load_without_trunk(fresh, state)
+    assert torch.equal(fresh.head.weight, state["head.weight"])
+    with pytest.raises(KeyError, match="extra"):
+        load_without_trunk(net(), state | {"extra": torch.zeros(1)})
+    with pytest.raises(KeyError, match="head.bias"):
+        load_without_trunk(net(), {"head.weight": state["head.weight"]})

@@ -76,6 +76,16 @@ def without_trunk(net: nn.Module, trunk: str = "vit") -> dict:
     return {k: v for k, v in net.state_dict().items() if not k.startswith(f"{trunk}.")}
 
 
+def load_without_trunk(net: nn.Module, state: dict, trunk: str = "vit") -> None:
+    """Load a ``without_trunk`` state into a freshly built ``net``: only the frozen copy's keys
+    may be missing, and no key may be left over (a mismatch is an error, not ignored)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith(f"{trunk}.")] + list(unexpected)
+    if wrong:
+        raise KeyError(f"the state does not fit {type(net).__name__}: missing or unexpected "
+                       f"{wrong[:5]}{' ...' if len(wrong) > 5 else ''}")
+
+
 def factory_kwargs(vit: nn.Module) -> dict:
     """Device and dtype of the ViT's weights, for new PEFT parameters."""
     p = next(vit.parameters())

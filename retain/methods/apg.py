@@ -52,7 +52,7 @@ from torch import nn
 from ..context import Context
 from ..datasets.base import Split
 from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
-from ..layers.inject import frozen_copy, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..params import Interval
 from ..scenarios.base import Task
@@ -244,8 +244,8 @@ class APG(Method):
                         key=lambda k: int(k.rsplit(".", 1)[1]))
         for k in blocks:
             self.net_.generator.tokens.blocks.append(nn.Parameter(state[k]))
-        self.net_.load_state_dict({k: v for k, v in state.items() if not k.startswith("lib.")},
-                                  strict=False)
+        load_without_trunk(self.net_, {k: v for k, v in state.items()
+                                       if not k.startswith("lib.")})
         self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps)
         self.library_.load(state)
 

@@ -38,7 +38,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..layers.coda import ComponentPool
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prefix import attach_prefix, forward_with_prefix
 from ..params import Interval
 from ..scenarios.base import Task
@@ -128,7 +128,7 @@ class CodaPrompt(Method):
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()
         self.net_.head.expand(state["head.weight"].shape[0])
-        self.net_.load_state_dict(state, strict=False)
+        load_without_trunk(self.net_, state)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable: the components, keys and attention vectors of the learned tasks, the head."""

@@ -48,7 +48,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..layers.dap import DAPGenerators
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy, unwrap, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, unwrap, without_trunk
 from ..layers.prompts import (
     KeyedPool,
     block_inputs,
@@ -160,7 +160,7 @@ class DAP(Method):
         self.net_ = self._build()
         self.net_.head.expand(state["head.weight"].shape[0])
         self.net_.class_task = torch.empty_like(state["class_task"])
-        self.net_.load_state_dict(state, strict=False)
+        load_without_trunk(self.net_, state)
 
     def parameter_counts(self) -> dict[str, int]:
         """Learned: the generators, all keys and task embeddings, and the head."""

@@ -39,7 +39,7 @@ from torch import nn
 from ..context import Context
 from ..datasets.base import Split
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prefix import attach_prefix, forward_with_prefix
 from ..layers.prompts import KeyedPool, pull_loss, select
 from ..params import Interval
@@ -136,7 +136,7 @@ class DualPrompt(Method):
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()
         self.net_.head.expand(state["head.weight"].shape[0])
-        self.net_.load_state_dict(state, strict=False)
+        load_without_trunk(self.net_, state)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable: the G-prompt, the E-prompts and keys of the tasks learned, the head."""

@@ -68,7 +68,7 @@ from ..layers.hide import (
     epoch_lr,
     grow_head,
 )
-from ..layers.inject import frozen_copy, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prefix import attach_prefix
 from ..params import Interval
 from ..scenarios.base import Task
@@ -281,7 +281,8 @@ class HiDePrompt(Method):
             self.net_.prompts.append(nn.Parameter(state[f"prompts.{i}"], requires_grad=False))
         self.net_.head.expand(state["head.weight"].shape[0])
         self.tii_.head.expand(state["tii.head.weight"].shape[0])
-        self.net_.load_state_dict(state, strict=False)
+        own = ("tii.", "tap_stats.", "tii_stats.", "task_of_class")
+        load_without_trunk(self.net_, {k: v for k, v in state.items() if not k.startswith(own)})
         self.tii_.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("tii.")})
         self.tap_stats_.load(state, "tap_stats.")
         self.tii_stats_.load(state, "tii_stats.")

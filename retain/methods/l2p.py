@@ -30,7 +30,7 @@ from torch import nn
 from ..context import Context
 from ..datasets.base import Split
 from ..layers.heads import IncrementalLinear
-from ..layers.inject import frozen_copy, without_trunk
+from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prompts import (
     PromptPool,
     block_inputs,
@@ -113,7 +113,7 @@ class L2P(Method):
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         self.net_ = self._build()
         self.net_.head.expand(state["head.weight"].shape[0])
-        self.net_.load_state_dict(state, strict=False)
+        load_without_trunk(self.net_, state)
 
     def parameter_counts(self) -> dict[str, int]:
         base = count(self.backbone.model)
