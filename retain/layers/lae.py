@@ -96,18 +96,8 @@ class CompensatedPrefix(PrefixPrompts):
         """(2, L, D): the scaled key and value prefix of the ``slot``-th block."""
         return self.prompts[slot] * self.scales[slot].view(2, 1, 1)
 
-    def prefixes(self, batch_size: int) -> dict[int, torch.Tensor]:
-        return {b: self.prefix(i).expand(batch_size, -1, -1, -1)
-                for i, b in enumerate(self.blocks)}
-
-    def inject(self, vit: nn.Module) -> None:
-        check_vit(vit)
-        if not all(0 <= b < len(vit.blocks) for b in self.blocks):
-            raise ValueError(f"blocks {self.blocks} for a ViT of {len(vit.blocks)} blocks")
-        for slot, block in enumerate(self.blocks):
-            wrap(vit, f"blocks.{block}.attn",
-                 lambda attn, slot=slot, block=block: CompensatedPrefixAttention(
-                     attn, self, slot, block))
+    def attention(self, attn: nn.Module, slot: int, block: int) -> nn.Module:
+        return CompensatedPrefixAttention(attn, self, slot, block)
 
 
 def compensated_prefix(vit: nn.Module, blocks: Sequence[int], length: int = 10, *,

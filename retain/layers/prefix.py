@@ -40,10 +40,14 @@ class PrefixPrompts(nn.Module):
     def length(self) -> int:
         return self.prompts.shape[2]
 
+    def prefix(self, slot: int) -> torch.Tensor:
+        """(2, L, D): the learned key and value prefix of the ``slot``-th block."""
+        return self.prompts[slot]
+
     def prefixes(self, batch_size: int) -> dict[int, torch.Tensor]:
         """{block: (B, 2, L, D)}: the learned prefixes, for :func:`forward_with_prefix`."""
-        return {b: p.expand(batch_size, -1, -1, -1)
-                for b, p in zip(self.blocks, self.prompts, strict=True)}
+        return {b: self.prefix(i).expand(batch_size, -1, -1, -1)
+                for i, b in enumerate(self.blocks)}
 
     def inject(self, vit: nn.Module) -> None:
         check_vit(vit)
@@ -51,7 +55,11 @@ class PrefixPrompts(nn.Module):
             raise ValueError(f"blocks {self.blocks} for a ViT of {len(vit.blocks)} blocks")
         for slot, block in enumerate(self.blocks):
             wrap(vit, f"blocks.{block}.attn",
-                 lambda attn, slot=slot, block=block: PrefixAttention(attn, self, slot, block))
+                 lambda attn, slot=slot, block=block: self.attention(attn, slot, block))
+
+    def attention(self, attn: nn.Module, slot: int, block: int) -> nn.Module:
+        """The attention that replaces block ``block``'s (subclasses change the kind)."""
+        return PrefixAttention(attn, self, slot, block)
 
 
 class PrefixAttention(Injected):
@@ -71,7 +79,7 @@ class PrefixAttention(Injected):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False, prefix: torch.Tensor | None = None) -> torch.Tensor:
         if prefix is None and self.peft.length > 0:
-            prefix = self.peft.prompts[self.slot].expand(x.shape[0], -1, -1, -1)  # (B, 2, L, D)
+            prefix = self.peft.prefix(self.slot).expand(x.shape[0], -1, -1, -1)  # (B, 2, L, D)
         if prefix is None:
             return self.base(x, attn_mask=attn_mask, is_causal=is_causal)
         if attn_mask is not None or is_causal:
