@@ -183,12 +183,20 @@ def _hub_file(name: str, model: nn.Module) -> Path:
             _check_reachable("huggingface.co")
             return Path(hf_hub_download(hub_id, "model.safetensors"))
     except Exception as e:  # offline, no cache, or no hub client
-        raise WeightsError(
-            f"could not obtain the weights of backbone {name!r} (HuggingFace hub repo "
-            f"'{hub_id}', file 'model.safetensors'): {type(e).__name__}: {str(e)[:200]}\n"
-            f"fix: on a machine with internet run `hf download {hub_id} model.safetensors` "
-            f"(older huggingface_hub: `huggingface-cli download ...`) and pass the file with "
-            f"`--weights PATH` (safetensors, .npz or .pth are accepted)") from e
+        raise hub_error(name, hub_id, "model.safetensors", e,
+                        "(safetensors, .npz or .pth are accepted)") from e
+
+
+def hub_error(name: str, hub_id: str, file: str, cause: Exception, accepted: str
+              ) -> WeightsError:
+    """The error for weights that could not be fetched: what was tried, why, and the command
+    that fetches the file on a machine with internet (``accepted``: other formats)."""
+    return WeightsError(
+        f"could not obtain the weights of backbone {name!r} (HuggingFace hub repo "
+        f"'{hub_id}', file '{file}'): {type(cause).__name__}: {str(cause)[:200]}\n"
+        f"fix: on a machine with internet run `hf download {hub_id} {file}` (older "
+        f"huggingface_hub: `huggingface-cli download ...`) and pass the file with "
+        f"`--weights PATH` {accepted}")
 
 
 def _check_reachable(host: str, timeout: float = 3.0) -> None:

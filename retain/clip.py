@@ -251,13 +251,9 @@ def _hub_file(name: str) -> Path:
         _bb._check_reachable("huggingface.co")
         return Path(hf_hub_download(HUB_ID, HUB_FILES[0]))
     except Exception as e:  # offline, no cache, or no hub client
-        raise WeightsError(
-            f"could not obtain the weights of backbone {name!r} (HuggingFace hub repo "
-            f"'{HUB_ID}', file '{HUB_FILES[0]}'): {type(e).__name__}: {str(e)[:200]}\n"
-            f"fix: on a machine with internet run `hf download {HUB_ID} {HUB_FILES[0]}` (older "
-            f"huggingface_hub: `huggingface-cli download ...`) and pass the file with "
-            f"`--weights PATH`; open_clip's {HUB_FILES[1]} and OpenAI's ViT-B-16.pt are "
-            f"accepted too") from e
+        raise _bb.hub_error(name, HUB_ID, HUB_FILES[0], e,
+                            f"(open_clip's {HUB_FILES[1]} and OpenAI's ViT-B-16.pt are accepted "
+                            f"too)") from e
 
 
 def _try(fn):
