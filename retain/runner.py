@@ -77,7 +77,7 @@ def check_task_free(method: Method) -> None:
 
 def learning_units(scenario, task) -> list:
     """What the method learns during ``task``: the task, or its unmarked task-free segments."""
-    return scenario.segments(task.id) if isinstance(scenario, TaskFree) else [task]
+    return scenario.segments_of(task) if isinstance(scenario, TaskFree) else [task]
 
 
 def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:

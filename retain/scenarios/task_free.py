@@ -69,9 +69,13 @@ class TaskFree:
 
     def segments(self, t: int) -> list[Task]:
         """What the learner sees during task ``t``, in order."""
-        task = self.inner[t]
+        return self.segments_of(self.inner[t])
+
+    def segments_of(self, task: Task) -> list[Task]:
+        """The segments of ``task`` (one of ``self[t]``, already built)."""
+        t = task.id
         order = np.random.RandomState([self.seed % 2**32, t]).permutation(len(task.train))
-        observed = set(self.inner[t - 1].seen_classes) if t else set()
+        observed = set(task.seen_classes) - set(task.new_classes)  # labels of earlier tasks
         empty = task.test.subset(np.zeros(0, dtype=np.int64))
         out, first = [], self.first_segment(t)
         for k, start in enumerate(range(0, len(order), self.segment)):
