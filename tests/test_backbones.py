@@ -32,7 +32,7 @@ def test_offline_hub_backbone_names_the_checkpoint_and_the_fix(monkeypatch):
     def unreachable(host, timeout=3.0):
         raise OSError("no route to host")
 
-    monkeypatch.setattr(B, "_check_reachable", unreachable)
+    monkeypatch.setattr(B.base, "check_reachable", unreachable)
     pytest.importorskip("huggingface_hub")
     with pytest.raises(WeightsError) as e:
         B.create_backbone("vit_base_patch16_224.augreg_in21k")

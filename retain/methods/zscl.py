@@ -50,7 +50,8 @@ from .base import Method, count, register_method
 
 
 class ClipPair(nn.Module):
-    """The trained CLIP: ``visual`` (timm ViT -> (B, E)) and ``text`` (retain.clip.ClipText)."""
+    """The trained CLIP: ``visual`` (timm ViT -> (B, E)) and ``text``
+    (retain.backbones.clip.ClipText)."""
 
     def __init__(self, visual: nn.Module, text: nn.Module):
         super().__init__()

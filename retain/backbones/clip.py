@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backbones as _bb
-from .backbones import Backbone, register_backbone, sha256_file, sha256_state
-from .errors import ConfigError, WeightsError
-from .transforms import Preprocess
+from ..errors import ConfigError, WeightsError
+from ..transforms import Preprocess
+from . import base
+from .base import Backbone, hub_error, register_backbone, sha256_file, sha256_state
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -248,10 +248,10 @@ def _hub_file(name: str) -> Path:
             with_cache = _try(lambda f=file: hf_hub_download(HUB_ID, f, local_files_only=True))
             if with_cache:
                 return Path(with_cache)
-        _bb._check_reachable("huggingface.co")
+        base.check_reachable("huggingface.co")
         return Path(hf_hub_download(HUB_ID, HUB_FILES[0]))
     except Exception as e:  # offline, no cache, or no hub client
-        raise _bb.hub_error(name, HUB_ID, HUB_FILES[0], e,
+        raise hub_error(name, HUB_ID, HUB_FILES[0], e,
                             f"(open_clip's {HUB_FILES[1]} and OpenAI's ViT-B-16.pt are accepted "
                             f"too)") from e
 

