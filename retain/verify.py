@@ -355,7 +355,7 @@ def _check_cache(rep: Report, results: dict) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("verify", help="check a run folder, its checkpoints and cache entries")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run folder written by `retain run`")
     p.add_argument("--rollback", action="store_true",
                    help="truncate the run to its last stage whose checkpoint verifies")
 
