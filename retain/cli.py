@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
     sh = sub.add_parser("show", help="print the tables of a run folder again")
     sh.add_argument("run_dir")
+    from . import verify  # retain verify (integrity branch hook)
+
+    verify.add_parser(sub)
     return p
 
 
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             print(listing(args.what))
         elif args.command == "show":
             show(Path(args.run_dir))
+        elif args.command == "verify":
+            from . import verify
+
+            return verify.main(args)
         else:
             run_command(args)
     except RetainError as e:
@@ -87,12 +94,13 @@ def run_command(args: argparse.Namespace) -> None:
 def show(run_dir: Path) -> None:
     from . import report
     from .errors import ConfigError
-    from .io import read_json
+    from .verify import trusted_results
 
     path = run_dir / "results.json"
     if not path.is_file():
         raise ConfigError(f"no results.json in {run_dir}; pass a folder written by `retain run`")
-    print(report.table(read_json(path)))
+    results, notes = trusted_results(run_dir)  # validated, checked against its checkpoints
+    print("\n".join([report.table(results), *notes]))
 
 
 def listing(what: str) -> str:

@@ -98,7 +98,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_bytes()) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 too
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:200]}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
     return data

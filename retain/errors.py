@@ -15,3 +15,11 @@ class DataError(RetainError, FileNotFoundError):
 
 class WeightsError(RetainError, FileNotFoundError):
     """Backbone weights that cannot be obtained (offline, wrong file, wrong format)."""
+
+
+class IntegrityError(RetainError, ValueError):
+    """A file retain wrote earlier (results, checkpoint, cache) that fails verification on read."""
+
+
+class RunLockedError(RetainError):
+    """A run folder (or other resource) that another live retain process holds."""

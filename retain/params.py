@@ -75,8 +75,11 @@ def check_constraints(cls: type, values: dict[str, Any], what: str) -> None:
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
     """``value`` as ``annotation``; strings are read as YAML scalars first ('1e-3', 'true')."""
-    if isinstance(value, str) and annotation is not str:
-        value = yaml.safe_load(value) if value.strip() else value
+    if isinstance(value, str) and annotation is not str and value.strip():
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:  # not a YAML scalar: kept as the string, refused below
+            pass
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value

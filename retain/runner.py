@@ -4,10 +4,17 @@ After each task the method's state (safetensors + JSON) and then ``results.json`
 rename, so a run killed at any moment restarts after its last finished task. Each task re-seeds
 torch, numpy and Python's ``random`` from (seed, task id), so a resumed run ends with the
 same accuracy matrix as an uninterrupted one.
+
+Nothing read back is trusted unverified: each stage records its checkpoint's sha256 (and the
+checkpoint's side file keeps a copy of the counts), and a resume checks ``results.json``
+(``verify.check_results``) and the checkpoint it loads (``verify.stage_state``). A run holds
+``RUN_DIR/.lock`` while it works: a second run on the same folder is refused at once, naming
+the holder's pid; the lock of a killed run is released by the kernel and taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import resource
@@ -28,12 +35,13 @@ from .datasets import create_dataset
 from .errors import ConfigError
 from .evaluation import evaluate, task_inference_accuracy
 from .features import FeatureCache, default_cache_dir
-from .io import read_json, read_tensors, write_json, write_tensors
+from .io import file_lock, write_json, write_tensors
 from .methods import METHODS, Method, create_method
 from .methods.base import TASK_FREE
 from .params import validate
 from .scenarios import TaskFree, make_scenario
 from .scenarios.orders import with_task_order
+from .verify import RESULTS_FORMAT, checkpoint_file, load_results, stage_state
 
 
 @dataclass
@@ -83,25 +91,47 @@ def learning_units(scenario, task) -> list:
 def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:
     """Learn the stream of ``config`` (resuming in its run folder); returns the results dict."""
     run_dir = config.run_dir
-    if fresh:
-        clear(run_dir)
-    previous = load_previous(run_dir, config)
-    r = build(config)
-    r.ctx.progress = progress
-    results = previous or new_results(r)
-    start = len(results["stages"])
-    if start:
-        restore(r.method, run_dir, start - 1)
-        echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
-    for task in r.scenario[start:]:
-        stage, state = learn_and_evaluate(r, task)
-        save_stage(r, results, stage, state, run_dir)
-        s = metrics.summary(*report.counts(results))
-        echo(report.stage_line(stage, len(r.scenario), s))
-    report.plot(results, run_dir)
+    validate(METHODS.get(config.method), config.params, what=config.method)
+    with run_lock(run_dir, echo):
+        if fresh:
+            clear(run_dir)
+        previous = load_previous(run_dir, config)
+        r = build(config)
+        r.ctx.progress = progress
+        results = previous or new_results(r)
+        start = len(results["stages"])
+        if start:
+            restore(r.method, run_dir, results, start - 1, echo)
+            echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
+        for task in r.scenario[start:]:
+            stage, state = learn_and_evaluate(r, task)
+            save_stage(r, results, stage, state, run_dir)
+            s = metrics.summary(*report.counts(results))
+            echo(report.stage_line(stage, len(r.scenario), s))
+        report.plot(results, run_dir)
     echo("\n" + report.table(results))
     echo(f"\nresults in {run_dir}/results.json; figures accuracy_curve.png, accuracy_matrix.png")
     return results
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, echo=print):
+    """Hold ``run_dir/.lock`` (refused at once if a live run holds it); a folder this call
+    created and left holding only the lock (the run failed before writing) is removed."""
+    created = not run_dir.exists()
+
+    def stale(pid: int) -> None:
+        echo(f"taking over the lock of {run_dir} left by pid {pid}, which no longer runs")
+
+    try:
+        with file_lock(run_dir / ".lock", wait=False, what=f"run folder {run_dir}",
+                       on_stale=stale):
+            yield
+    finally:
+        with contextlib.suppress(OSError):
+            if created and [p.name for p in run_dir.iterdir()] == [".lock"]:
+                (run_dir / ".lock").unlink()
+                run_dir.rmdir()
 
 
 def learn_and_evaluate(r: Run, task) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -149,7 +179,7 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def new_results(r: Run) -> dict:
-    return {"format": 1, "config": r.config.to_dict(), "method": r.method.name,
+    return {"format": RESULTS_FORMAT, "config": r.config.to_dict(), "method": r.method.name,
             "hparams": r.method.hparams(), "tags": sorted(r.method.tags),
             "uses_batch_information": r.method.uses_batch_information,
             "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
@@ -169,16 +199,29 @@ def environment(device: torch.device) -> dict:
 
 def save_stage(r: Run, results: dict, stage: dict, state: dict[str, torch.Tensor],
                run_dir: Path) -> None:
-    """Checkpoint first, then results: results.json never names a stage without its state."""
+    """Checkpoint first, then results: results.json never names a stage without its state.
+
+    The stage records the sha256 of the checkpoint and of its JSON side file, which keeps a copy
+    of every stage's counts so far (so altered counts in results.json are caught)."""
     t = stage["task"]
-    ckpt = run_dir / "checkpoints" / f"task-{t:03d}.safetensors"
-    write_tensors(ckpt, state, metadata={"method": r.method.name, "task": str(t)})
-    write_json(ckpt.with_suffix(".json"), {"method": r.method.name, "task": t,
-                                           "hparams": r.method.hparams(),
-                                           "backbone": r.method.backbone.describe()})
+    stages = results["stages"] + [stage]
+    ckpt = checkpoint_file(run_dir, t)
+    sha = write_tensors(ckpt, state, metadata={"method": r.method.name, "task": str(t)})
+    side = {"method": r.method.name, "task": t, "hparams": r.method.hparams(),
+            "backbone": r.method.backbone.describe(), "checkpoint_sha256": sha,
+            "counts": {"correct": [s["correct"] for s in stages],
+                       "total": [s["total"] for s in stages]}}
+    side_sha = write_json(ckpt.with_suffix(".json"), side)
+    stage["checkpoint"] = {"file": str(ckpt.relative_to(run_dir)), "sha256": sha,
+                           "json_sha256": side_sha}
     results["stages"].append(stage)
     results["summary"] = metrics.summary(*report.counts(results))
     results["accuracy_matrix"] = metrics.accuracy_matrix(*report.counts(results)).tolist()
+    cache = r.ctx.cache
+    if cache.root is not None:  # the entries used, for `retain verify` (same cache folder)
+        before, folder = results.get("feature_cache") or {}, str(cache.root.absolute())
+        used = set(before.get("entries", [])) if before.get("dir") == folder else set()
+        results["feature_cache"] = {"dir": folder, "entries": sorted(used | cache.entries_used)}
     write_json(run_dir / "config.json", r.config.to_dict())
     write_json(run_dir / "results.json", results)
     if r.config.keep_checkpoints == "last":
@@ -189,10 +232,9 @@ def save_stage(r: Run, results: dict, stage: dict, state: dict[str, torch.Tensor
 
 def load_previous(run_dir: Path, config: RunConfig) -> dict | None:
     """The results of an earlier run of the same config in ``run_dir``, or None."""
-    path = run_dir / "results.json"
-    if not path.is_file():
+    if not (run_dir / "results.json").exists():
         return None
-    results = read_json(path)
+    results = load_results(run_dir)
     if comparable(results["config"]) != comparable(config.to_dict()):
         diff = sorted(k for k, v in comparable(config.to_dict()).items()
                       if results["config"].get(k) != v)
@@ -201,11 +243,12 @@ def load_previous(run_dir: Path, config: RunConfig) -> dict | None:
     return results
 
 
-def restore(method: Method, run_dir: Path, task: int) -> None:
-    ckpt = run_dir / "checkpoints" / f"task-{task:03d}.safetensors"
-    if not ckpt.is_file():
-        raise ConfigError(f"{ckpt} is missing, so {run_dir} cannot resume; pass --fresh")
-    method.load_state_dict(read_tensors(ckpt))
+def restore(method: Method, run_dir: Path, results: dict, task: int, echo=print) -> None:
+    """Load the state after stage ``task``, verified against ``results`` (verify.stage_state)."""
+    method.load_state_dict(stage_state(run_dir, results, task))
+    if "checkpoint" not in results["stages"][task]:
+        echo(f"note: {run_dir}/results.json was written by an older retain and records no "
+             f"checkpoint hash; {checkpoint_file(run_dir, task).name} is loaded unverified")
 
 
 def clear(run_dir: Path) -> None:

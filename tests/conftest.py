@@ -14,6 +14,13 @@ from retain.datasets.base import DataBundle, Split
 from retain.features import FeatureCache
 from retain.scenarios import ClassIncremental
 
+try:  # the fuzz suite's long profile (benchmarks/fuzz_long.py: --hypothesis-profile=fuzz-long)
+    from hypothesis import settings
+
+    settings.register_profile("fuzz-long", max_examples=1000)
+except ImportError:
+    pass
+
 
 def tiny_bundle(num_classes: int = 6, train: int = 12, test: int = 6, size: int = 16,
                 seed: int = 0) -> DataBundle:
@@ -34,6 +41,23 @@ def tiny_bundle(num_classes: int = 6, train: int = 12, test: int = 6, size: int 
 @pytest.fixture(scope="session")
 def bundle() -> DataBundle:
     return tiny_bundle()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> str:
+    """The name ``tiny_synthetic``, registered for this session: ``tiny_bundle()`` as a dataset,
+    so that whole runs (``retain.runner.run``) take a second."""
+    from retain.datasets import DATASETS, Dataset
+
+    class TinySynthetic(Dataset):
+        name, num_classes, description = "tiny_synthetic", 6, "tests only: tiny_bundle()"
+
+        def load(self) -> DataBundle:
+            return tiny_bundle()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(DATASETS._entries, TinySynthetic.name, TinySynthetic)
+        yield TinySynthetic.name
 
 
 @pytest.fixture

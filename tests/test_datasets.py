@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -181,21 +183,27 @@ def planes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return hwc.transpose(0, 3, 1, 2).reshape(n, 3072), hwc
 
 
-def fake_cifar100(folder: Path) -> dict[str, np.ndarray]:
+def trust(monkeypatch, path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and accept its md5 as the published one of its name."""
+    path.write_bytes(data)
+    monkeypatch.setitem(folders.CIFAR100_MD5, path.name, hashlib.md5(data).hexdigest())
+
+
+def fake_cifar100(folder: Path, monkeypatch) -> dict[str, np.ndarray]:
     folder.mkdir(parents=True, exist_ok=True)
     images = {}
     for split, n, seed in (("train", 5, 0), ("test", 3, 1)):
         rows, images[split] = planes(n, seed)
         entry = {"data": rows, "fine_labels": list(range(n)), "coarse_labels": [0] * n}
-        (folder / split).write_bytes(pickle.dumps(entry))
+        trust(monkeypatch, folder / split, pickle.dumps(entry))
     meta = {"fine_label_names": [f"class{i}" for i in range(100)]}
-    (folder / "meta").write_bytes(pickle.dumps(meta))
+    trust(monkeypatch, folder / "meta", pickle.dumps(meta))
     return images
 
 
 @pytest.mark.parametrize("sub", ["cifar-100-python", ""])
-def test_cifar100_decodes_channel_planar_rows(tmp_path, sub):
-    images = fake_cifar100(tmp_path / sub)
+def test_cifar100_decodes_channel_planar_rows(tmp_path, sub, monkeypatch):
+    images = fake_cifar100(tmp_path / sub, monkeypatch)
     bundle = create_dataset("cifar100", root=tmp_path).load()
     assert bundle.train.data.shape == (5, 32, 32, 3) and bundle.train.data.dtype == np.uint8
     assert bundle.train.data[0, 0, 0].tolist() == [11, 22, 33]
@@ -238,19 +246,51 @@ def test_cifar100_downloads_when_absent(tmp_path, monkeypatch):
 
     def fake_download(root, train, download):
         calls.append((root, download))
-        fake_cifar100(Path(root) / "cifar-100-python")
+        fake_cifar100(Path(root) / "cifar-100-python", monkeypatch)
 
     monkeypatch.setattr(tv_datasets, "CIFAR100", fake_download)
     bundle = create_dataset("cifar100", root=tmp_path).load()
     assert calls == [(str(tmp_path), True)] and bundle.source["downloaded"] is True
 
 
-def test_cifar100_malformed_pickle_is_named(tmp_path):
-    fake_cifar100(tmp_path)
-    (tmp_path / "test").write_bytes(pickle.dumps({"data": np.zeros((2, 100), np.uint8),
-                                                  "fine_labels": [0, 1]}))
+def test_cifar100_malformed_pickle_is_named(tmp_path, monkeypatch):
+    fake_cifar100(tmp_path, monkeypatch)
+    trust(monkeypatch, tmp_path / "test", pickle.dumps({"data": np.zeros((2, 100), np.uint8),
+                                                        "fine_labels": [0, 1]}))
     with pytest.raises(DataError, match=str(tmp_path / "test")):
         create_dataset("cifar100", root=tmp_path).load()
+
+
+def test_cifar100_files_are_checked_against_the_published_md5_before_unpickling(tmp_path):
+    assert folders.CIFAR100_MD5 == {"train": "16019d7e3df5f24257cddd939b257f8d",
+                                    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+                                    "meta": "7973b15100ade9c7d40fb424638fde48"}
+    ran = tmp_path / "ran"
+
+    class Payload:  # unpickling this would create the file `ran`
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    for name in ("train", "test", "meta"):
+        (tmp_path / name).write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError) as err:
+        create_dataset("cifar100", root=tmp_path).load()
+    assert str(tmp_path / "meta") in str(err.value) and "7973b15100ade9c7d40fb424638fde48" in \
+        str(err.value) and not ran.exists()
+
+
+def test_cifar100_unpickler_builds_only_arrays_even_with_a_matching_md5(tmp_path, monkeypatch):
+    fake_cifar100(tmp_path, monkeypatch)
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    trust(monkeypatch, tmp_path / "meta", pickle.dumps({"fine_label_names": Payload()}))
+    with pytest.raises(DataError, match="refused global"):
+        create_dataset("cifar100", root=tmp_path).load()
+    assert not ran.exists()
 
 
 # ------------------------------------------------------------------------- image folder trees
@@ -337,3 +377,75 @@ def test_split_of_paths_subsets_keep_key(tmp_path):
     train = create_dataset("imagefolder", root=tmp_path).load().train
     part = train.subset(np.array([3, 1]))
     assert isinstance(part, Split) and part.key == train.key and part.index.tolist() == [3, 1]
+
+
+# ------------------------------------------------------------------------- hostile folders
+
+def test_symlink_loop_is_an_error_naming_the_link(tmp_path):
+    fake_tree(tmp_path, {"a": (2, 1), "b": (2, 1)})
+    (tmp_path / "train" / "a" / "loop").symlink_to("..")  # would file b's images under a
+    with pytest.raises(DataError, match=r"train/a/loop leads to the folder .*train, already"):
+        create_dataset("imagefolder", root=tmp_path).load()
+
+
+def test_links_out_of_the_dataset_are_not_followed(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    fake_tree(root, {"a": (1, 1), "b": (1, 1)})
+    outside.mkdir()
+    Image.new("L", (2, 2)).save(outside / "x.png")
+    (root / "train" / "a" / "out").symlink_to(outside)
+    with pytest.raises(DataError, match="outside the dataset folder"):
+        create_dataset("imagefolder", root=root).load()
+    (root / "train" / "a" / "out").unlink()
+    (root / "train" / "a" / "linked.png").symlink_to(root / "train" / "b" / "0.png")
+    with pytest.raises(DataError, match="is the same file as"):  # one image in two classes
+        create_dataset("imagefolder", root=root).load()
+    (root / "train" / "a" / "linked.png").unlink()
+    (root / "train" / "a" / "sub").symlink_to(root / "train" / "a" / "..", True)
+    with pytest.raises(DataError, match="already scanned"):
+        create_dataset("imagefolder", root=root).load()
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    fake_tree(tmp_path, {"a": (1, 1), "b": (1, 1)})
+    os.mkfifo(tmp_path / "train" / "a" / "x.png")
+    with pytest.raises(DataError, match="x.png is named like an image but is a FIFO"):
+        create_dataset("imagefolder", root=tmp_path).load()
+    split = Split(np.array([str(tmp_path / "train" / "a" / "x.png")], dtype=object),
+                  np.zeros(1, np.int64))  # a FIFO that appeared after the scan
+    with pytest.raises(DataError, match="FIFO"):
+        split.image(0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"), (b"\x89PNG\r\n\x1a\nnot really", "cannot be decoded"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n", "not a readable"),  # no Ghostscript
+    ("half", "cannot be decoded|not a readable"), ("bomb", "pixels"),
+])
+def test_bad_image_files_are_one_error_naming_the_file(tmp_path, content, message):
+    import io
+    import zlib
+
+    path = tmp_path / "x.png"
+    if content == "half":
+        buf = io.BytesIO()
+        Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64), np.uint8)).save(
+            buf, "PNG")
+        content = buf.getvalue()[:-200]
+    elif content == "bomb":  # a header claiming 10,000 x 10,000 pixels
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(
+                ">I", zlib.crc32(kind + body))
+
+        content = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+            ">IIBBBBB", 10000, 10000, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        Split(np.array([str(path)], dtype=object), np.zeros(1, np.int64)).image(0)
+    assert str(path) in str(err.value)
+
+
+def test_domainnet_list_paths_may_not_leave_the_dataset(tmp_path):
+    (tmp_path / "l.txt").write_text("clipart/a/1.jpg 0\n../../etc/passwd 1\n")
+    with pytest.raises(DataError, match=r"l.txt:2: '../../etc/passwd' leaves the dataset"):
+        folders.read_image_list(tmp_path / "l.txt")

@@ -101,6 +101,16 @@ def require_file(path: Path, name: str) -> None:
         raise WeightsError(f"weights file for {name} not found: {path}")
 
 
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path, name: str) -> None:
+    """``model.load_state_dict(state, strict=True)``, a ``WeightsError`` naming the file when the
+    keys or shapes do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path} does not fit {name}: {str(e)[:300]}; pass the checkpoint of "
+                           "exactly this architecture") from e
+
+
 def hub_error(name: str, hub_id: str, file: str, cause: Exception, accepted: str
               ) -> WeightsError:
     """The error for weights that could not be fetched: what was tried, why, and the command

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from ..errors import ConfigError, WeightsError
 from ..transforms import Preprocess
 from . import base
 from .base import Backbone, hub_error, register_backbone, sha256_file, sha256_state
+from .files import read_state
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -184,28 +183,10 @@ def image_tower(cfg: ClipConfig, image_size: int | None = None) -> nn.Module:
 
 
 def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """A CLIP checkpoint (.safetensors, open_clip .bin/.pt, OpenAI TorchScript .pt) as float32."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"CLIP weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif _is_torchscript(path):  # OpenAI's archive; torch.jit is deprecated but still reads it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    """A CLIP checkpoint (.safetensors, open_clip .bin/.pt, OpenAI TorchScript .pt) as float32,
+    read without running anything in it (``files.read_state``)."""
+    state = read_state(path, "CLIP")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _is_torchscript(path: Path) -> bool:
-    return zipfile.is_zipfile(path) and any(
-        n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist())
 
 
 def load_clip_state(vit: nn.Module, text: ClipText, state: dict, name: str) -> None:

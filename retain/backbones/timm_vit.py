@@ -24,6 +24,7 @@ from .base import (
     sha256_file,
     sha256_state,
 )
+from .files import npz_bytes, read_state
 
 TIMM_VITS = {
     "vit_base_patch16_224.augreg_in21k": "ViT-B/16 pre-trained on ImageNet-21K (augreg); the "
@@ -72,16 +73,15 @@ def _hub_file(name: str, model: nn.Module) -> Path:
 
 
 def _load_timm_weights(model: nn.Module, path: Path, name: str) -> None:
-    """Load a .safetensors / .pth / .npz checkpoint into ``model`` (its head dropped)."""
+    """Load a .safetensors / .pth / .npz checkpoint into ``model`` (its head dropped); the file
+    is read by retain (``files``), never handed to timm's loaders by path."""
     require_file(path, name)
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise WeightsError(f"{name}: .npz checkpoints are only read for timm ViTs")
-        model.load_pretrained(str(path))
+        model.load_pretrained(npz_bytes(path, name))  # checked plain arrays, in memory
         return
-    from timm.models import load_state_dict
-
-    state = load_state_dict(str(path))
+    state = read_state(path, name)
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))}
     if hasattr(model, "pos_embed") and "pos_embed" in state:
         from timm.models.vision_transformer import checkpoint_filter_fn

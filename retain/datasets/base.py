@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError, RetainError
 from ..registry import Registry
+
+# Formats decoded from files (those of torchvision's ImageFolder extensions; MPO is how PIL
+# names many camera JPEGs). Never EPS, which PIL hands to Ghostscript.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (MAX_IMAGE_PIXELS), as an error
 
 
 class Split:
@@ -25,17 +32,19 @@ class Split:
 
     ``data``: uint8 array (N, H, W) / (N, H, W, 3), or object array of image paths.
     ``targets``: int64 array (N,).  ``index``: positions in the full split (for caching).
-    ``key``: content hash of the full split this one was cut from.
+    ``key``: content hash of the full split this one was cut from. ``size``: the number of
+    samples of that full split (None when unknown, e.g. rebuilt from an older checkpoint).
     """
 
     def __init__(self, data: np.ndarray, targets: np.ndarray, *, key: str | None = None,
-                 index: np.ndarray | None = None):
+                 index: np.ndarray | None = None, size: int | None = None):
         targets = np.asarray(targets, dtype=np.int64)
         if len(data) != len(targets):
             raise ValueError(f"{len(data)} images but {len(targets)} labels")
         self.data = data
         self.targets = targets
         self.index = np.arange(len(targets)) if index is None else np.asarray(index, np.int64)
+        self.size = len(targets) if index is None else size
         self.key = key if key is not None else content_key(data)
 
     def __len__(self) -> int:
@@ -49,17 +58,16 @@ class Split:
         """The samples at ``positions`` (relative to this split), keeping the cache key."""
         positions = np.asarray(positions, dtype=np.int64)
         return Split(self.data[positions], self.targets[positions], key=self.key,
-                     index=self.index[positions])
+                     index=self.index[positions], size=self.size)
 
     def relabel(self, targets: np.ndarray) -> Split:
         """The same samples with other labels (e.g. remapped by a class order)."""
-        return Split(self.data, targets, key=self.key, index=self.index)
+        return Split(self.data, targets, key=self.key, index=self.index, size=self.size)
 
     def image(self, i: int) -> Image.Image:
         """Sample ``i`` as an RGB PIL image."""
         if self.is_paths:
-            with Image.open(self.data[i]) as im:
-                return im.convert("RGB")
+            return decode_image(self.data[i])
         return Image.fromarray(self.data[i]).convert("RGB")
 
     @staticmethod
@@ -68,9 +76,45 @@ class Split:
         keys = {s.key for s in splits}
         if len(keys) != 1:
             raise ValueError("can only concatenate subsets of one split")
+        sizes = {s.size for s in splits} - {None}
         return Split(np.concatenate([s.data for s in splits]),
                      np.concatenate([s.targets for s in splits]), key=keys.pop(),
-                     index=np.concatenate([s.index for s in splits]))
+                     index=np.concatenate([s.index for s in splits]),
+                     size=sizes.pop() if len(sizes) == 1 else None)
+
+
+def decode_image(path: str | os.PathLike) -> Image.Image:
+    """The image file ``path`` as RGB; a ``DataError`` naming the file for anything but a
+    regular, non-empty file that decodes (in a format of ``IMAGE_FORMATS``) to at most
+    ``MAX_PIXELS`` pixels. A FIFO never blocks; truncated files, junk and bombs never pass."""
+    from ..io import open_regular
+
+    try:
+        f = open_regular(path)
+    except RetainError as e:
+        raise DataError(str(e)) from e
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise DataError(f"image {path} is empty (0 bytes); delete or replace it")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                Image.init()  # registers every plugin (idempotent); older PIL opens MPO apart
+                with Image.open(f, formats=[x for x in IMAGE_FORMATS if x in Image.OPEN]) as im:
+                    w, h = im.size
+                    if w * h > MAX_PIXELS:
+                        raise DataError(f"image {path} is {w}x{h} pixels, more than the "
+                                        f"{MAX_PIXELS} allowed (a decompression bomb?); "
+                                        "shrink or remove it")
+                    return im.convert("RGB")
+        except DataError:
+            raise
+        except Image.UnidentifiedImageError as e:
+            raise DataError(f"image {path} is not a readable {'/'.join(IMAGE_FORMATS)} file; "
+                            "delete or replace it") from e
+        except Exception as e:  # PIL raises many types on malformed data
+            raise DataError(f"image {path} cannot be decoded ({type(e).__name__}: "
+                            f"{str(e)[:120]}); delete or replace it") from e
 
 
 def content_key(data: np.ndarray) -> str:

@@ -12,15 +12,17 @@ other S-Prompts benchmarks, are not supported yet.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import os
 import pickle
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, RetainError
 from .base import DataBundle, Dataset, Domains, Split, register_dataset
 
 # The extensions torchvision's ImageFolder accepts (case-insensitive), as APER/PILOT read them.
@@ -49,12 +51,52 @@ def find_cifar100(root: Path) -> Path | None:
     return None
 
 
+# md5 of the files inside the published cifar-100-python.tar.gz (as torchvision checks them)
+CIFAR100_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d",
+                "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+                "meta": "7973b15100ade9c7d40fb424638fde48"}
+CIFAR100_TGZ_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# what the published pickles need to rebuild (numpy arrays); any other global is refused
+PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray",
+                  "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds only plain containers and numpy arrays (defence in depth: the
+    file's md5 was checked first)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_md5(path: Path, expected: str) -> None:
+    """DataError unless the file ``path`` has the md5 ``expected`` (before it is unpickled)."""
+    from ..io import open_regular
+
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        with open_regular(path) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except RetainError as e:
+        raise DataError(f"cifar100: {e}") from e
+    if h.hexdigest() != expected:
+        raise DataError(
+            f"cifar100: {path} has md5 {h.hexdigest()}, not {expected}, the md5 of the published "
+            f"CIFAR-100 file; retain unpickles only the published files (a pickle can run code). "
+            f"Download {CIFAR100_URL} again (md5 {CIFAR100_TGZ_MD5}) and extract it.")
+
+
 def unpickle(path: Path, keys: tuple[str, ...]) -> dict:
-    """A CIFAR pickle (written by Python 2) as a dict, checking that it has ``keys``."""
+    """A CIFAR pickle (written by Python 2) as a dict, checking its md5 first, then that it has
+    ``keys``."""
+    check_md5(path, CIFAR100_MD5[path.name])
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            entry = _ArraysOnly(f, encoding="latin1").load()
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
         raise DataError(f"cifar100: cannot unpickle {path} ({exc}); extract it again") from exc
     missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
     if missing:
@@ -127,23 +169,121 @@ class CIFAR100(Dataset):
 
 # ------------------------------------------------------------------- {train,test}/<class>/<image>
 
-def class_folders(split_dir: Path) -> list[str]:
+MAX_DEPTH = 32  # folder levels below a class folder
+MAX_ENTRIES = 20_000_000  # folder entries one dataset scan may look at
+
+
+class Scan:
+    """One scan of a dataset folder: its real path, the folders and image files already reached
+    (by device and inode) and what is left of the entry budget.
+
+    Symbolic links are followed only when they resolve inside the dataset folder. A folder or
+    image reached twice (a link loop, a link into another class, an image linked into both
+    train/ and test/) is an error naming both paths; so are image-named entries that are not
+    regular files (a FIFO would block forever), empty images and dangling links. Each folder is
+    entered once, at most ``MAX_DEPTH`` levels deep, and at most ``MAX_ENTRIES`` entries are
+    looked at, so a scan's cost is bounded by the tree's size.
+    """
+
+    def __init__(self, root: Path):
+        self.root = os.path.realpath(root)
+        self.dirs: dict[tuple[int, int], str] = {}
+        self.files: dict[tuple[int, int], str] = {}
+        self.left = MAX_ENTRIES
+
+    def follow(self, path: str) -> os.stat_result:
+        """``stat`` of ``path``, a link resolved only inside the dataset folder."""
+        if os.path.islink(path):
+            real = os.path.realpath(path)
+            if real != self.root and not real.startswith(self.root + os.sep):
+                raise DataError(f"{path} is a symbolic link to {real}, outside the dataset folder "
+                                f"{self.root}; retain does not follow links out of the dataset: "
+                                "copy the files in, or pass the folder they are in as --data-root")
+        try:
+            return os.stat(path)
+        except OSError as e:
+            raise DataError(f"{path}: {e.strerror} (a dangling or looping symbolic link?); "
+                            "remove it") from e
+
+    def enter(self, path: str, st: os.stat_result) -> None:
+        key = (st.st_dev, st.st_ino)
+        if key in self.dirs:
+            raise DataError(f"{path} leads to the folder {self.dirs[key]}, already scanned (a "
+                            "symbolic link loop, or a link into another class folder); remove "
+                            "the link")
+        self.dirs[key] = path
+
+    def image(self, path: str, st: os.stat_result) -> None:
+        from ..io import file_kind
+
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is named like an image but is {file_kind(st.st_mode)}; "
+                            "remove it")
+        if st.st_size == 0:
+            raise DataError(f"image {path} is empty (0 bytes); delete or replace it")
+        key = (st.st_dev, st.st_ino)
+        if key in self.files:
+            raise DataError(f"{path} is the same file as {self.files[key]} (a link); each image "
+                            "must appear once in a dataset: remove one of them")
+        self.files[key] = path
+
+    def entries(self, folder: str) -> list[os.DirEntry]:
+        with os.scandir(folder) as it:
+            found = []
+            for e in it:
+                self.left -= 1
+                if self.left < 0:
+                    raise DataError(f"scanning {self.root} looked at more than {MAX_ENTRIES} "
+                                    "entries; point --data-root at the dataset itself")
+                found.append(e)
+        return found
+
+
+def class_folders(split_dir: Path, scan: Scan | None = None) -> list[str]:
     """The sorted names of the (non-hidden) class folders in ``split_dir``."""
-    with os.scandir(split_dir) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    scan = scan or Scan(split_dir)
+    names = []
+    for e in scan.entries(str(split_dir)):
+        if not e.name.startswith(".") and (e.is_dir() or e.is_symlink()):
+            if stat.S_ISDIR(scan.follow(e.path).st_mode):
+                names.append(e.name)
+    return sorted(names)
 
 
-def image_files(class_dir: Path) -> list[str]:
-    """Absolute paths of the images under ``class_dir``, sorted as torchvision's ImageFolder."""
-    return [os.path.join(d, f) for d, _, names in sorted(os.walk(class_dir, followlinks=True))
-            for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+def image_files(class_dir: Path, scan: Scan | None = None) -> list[str]:
+    """Absolute paths of the images under ``class_dir``, sorted as torchvision's ImageFolder
+    (folder by folder in path order, files sorted), found by ``scan``'s rules."""
+    scan = scan or Scan(class_dir)
+    top = str(class_dir)
+    scan.enter(top, scan.follow(top))
+    found: dict[str, list[str]] = {}
+    stack = [(top, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        found[folder] = []
+        for e in scan.entries(folder):
+            is_image = e.name.lower().endswith(IMAGE_EXTENSIONS)
+            if not (is_image or e.is_dir() or e.is_symlink()):
+                continue
+            st = scan.follow(e.path)
+            if stat.S_ISDIR(st.st_mode):
+                if depth >= MAX_DEPTH:
+                    raise DataError(f"{e.path} lies more than {MAX_DEPTH} folders below "
+                                    f"{class_dir}; flatten the class folder")
+                scan.enter(e.path, st)
+                stack.append((e.path, depth + 1))
+            elif is_image:
+                scan.image(e.path, st)
+                found[folder].append(e.name)
+    return [os.path.join(d, f) for d in sorted(found) for f in sorted(found[d])]
 
 
-def read_split_folder(split_dir: Path, classes: list[str]) -> Split:
+def read_split_folder(split_dir: Path, classes: list[str], scan: Scan | None = None) -> Split:
     """Paths and labels of every image under ``split_dir/<class>/``, label = index in classes."""
+    scan = scan or Scan(split_dir)
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = image_files(split_dir / name)
+        files = image_files(split_dir / name, scan)
         if not files:
             raise DataError(f"{split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         paths += files
@@ -172,10 +312,14 @@ def read_image_folders(folder: Path, expected_classes: int = 0) -> tuple[Split, 
     Classes are the sorted folder names of train/ (test/ must hold the same ones); labels follow
     that order. ``expected_classes`` (0: any number, at least 2) is checked.
     """
-    classes = class_folders(folder / "train")
-    check_classes(folder, classes, class_folders(folder / "test"), expected_classes)
-    return read_split_folder(folder / "train", classes), \
-        read_split_folder(folder / "test", classes), classes
+    scan = Scan(folder)
+    scan.enter(str(folder), scan.follow(str(folder)))  # so that a link back to them is a loop
+    for part in ("train", "test"):
+        scan.enter(str(folder / part), scan.follow(str(folder / part)))  # not linked outside
+    classes = class_folders(folder / "train", scan)
+    check_classes(folder, classes, class_folders(folder / "test", scan), expected_classes)
+    return read_split_folder(folder / "train", classes, scan), \
+        read_split_folder(folder / "test", classes, scan), classes
 
 
 def find_split_folders(root: Path, folder_names: tuple[str, ...]) -> tuple[Path | None, list[Path]]:
@@ -319,6 +463,9 @@ def read_image_list(path: Path) -> tuple[list[str], list[int]]:
             if len(fields) != 2 or not fields[1].isdigit():
                 raise DataError(f"{path}:{n}: expected '<image path> <label>', got "
                                 f"{line.strip()!r}")
+            if Path(fields[0]).is_absolute() or ".." in Path(fields[0]).parts:
+                raise DataError(f"{path}:{n}: {fields[0]!r} leaves the dataset folder; list "
+                                "paths must be relative to it, without '..'")
             paths.append(fields[0])
             labels.append(int(fields[1]))
     return paths, labels
