@@ -31,6 +31,16 @@ def tiny_bundle(num_classes: int = 6, train: int = 12, test: int = 6, size: int 
     return DataBundle("tiny", make(train), make(test), tuple(f"c{i}" for i in range(num_classes)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache_in_tmp(tmp_path_factory):
+    """``Context()`` keeps features in the disk cache the CLI uses; in the tests that cache is
+    a session folder, so no test reads or fills the user's ``~/.cache/retain/features``."""
+    folder = tmp_path_factory.mktemp("feature-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("retain.context.default_cache_dir", lambda: folder)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def bundle() -> DataBundle:
     return tiny_bundle()
