@@ -8,6 +8,7 @@ others import what they need when first touched.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: retain.metrics
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'retain' has no attribute {name!r}")
 
 
