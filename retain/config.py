@@ -74,7 +74,8 @@ def list_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+        raise ConfigError(P.unknown_message("preset", name, list_presets(),
+                                            otherwise=" (retain list presets)"))
     return path
 
 
