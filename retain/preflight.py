@@ -115,8 +115,10 @@ def _same(value, default) -> bool:
 def known(name: str, entries: dict, kind: str) -> None:
     if name not in entries:
         close = difflib.get_close_matches(name, list(entries), n=2, cutoff=0.6)
-        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-        raise ConfigError(f"unknown {kind} {name!r}; {hint}choose one of: "
+        if close:
+            raise ConfigError(f"unknown {kind} {name!r}; did you mean "
+                              f"{' or '.join(map(repr, close))}? (retain list {kind}s)")
+        raise ConfigError(f"unknown {kind} {name!r}; choose one of: "
                           f"{', '.join(sorted(entries))} (retain list {kind}s)")
 
 
