@@ -1,124 +1,87 @@
-"""The ``retain`` command: run, list, show."""
+"""The ``retain`` command. Each subcommand lives in its own module, imported only when it runs.
+
+Adding a subcommand takes one line in ``COMMANDS``: ``(name, module, one-line help)``, where the
+module defines
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...   # its flags
+    def main(args: argparse.Namespace) -> int | None: ...              # 0/None: success
+
+and keeps its own module top light (argparse, pathlib): heavy imports (torch, the runner)
+belong inside ``main``. Only the module of the command being run is imported, so ``retain
+--help`` and ``retain list`` answer at once whatever the other commands import.
+
+Errors: a ``RetainError`` (bad input) prints one ``error:`` line and exits with 2; anything else
+is a bug and keeps its traceback. ``--debug`` shows the traceback of input errors too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from pathlib import Path
 
 from .errors import RetainError
 
-RUN_FLAGS = {  # flag -> (config key, type, help)
-    "--method": ("method", str, "method name (retain list methods)"),
-    "--dataset": ("dataset", str, "dataset name (retain list datasets)"),
-    "--data-root": ("data_root", str, "folder holding the dataset"),
-    "--scenario": ("scenario", str, "B{m}Inc{n} (e.g. B0Inc10), TIL-B{m}Inc{n}, "
-                   "Superclass-CIL|TIL, Permuted{n}, Rotated{n}, Domains, "
-                   "TaskFree{k}:{any of these}"),
-    "--task-order": ("task_order", str, "A-E (APD's official orders) or task indices '2,0,1'"),
-    "--backbone": ("backbone", str, "backbone name (retain list backbones)"),
-    "--weights": ("weights", str, "local weights file (.safetensors, .npz, .pth; CLIP: .bin, "
-                  "OpenAI .pt)"),
-    "--image-size": ("image_size", int, "input resolution (default: the backbone's)"),
-    "--seed": ("seed", int, "seed of the class order and every random draw (default 1993)"),
-    "--out": ("out", str, "run folder (default runs/<method>-<dataset>-<scenario>-s<seed>)"),
-    "--device": ("device", str, "auto, cpu, cuda, cuda:N, mps"),
-    "--batch-size": ("batch_size", int, "batch size of frozen passes and evaluation"),
-    "--autocast": ("autocast", str, "none or bf16 (frozen passes)"),
-    "--cache-dir": ("cache_dir", str, "feature cache folder"),
-    "--keep-checkpoints": ("keep_checkpoints", str, "last or all"),
-}
+COMMANDS: list[tuple[str, str, str]] = [
+    ("run", "retain.commands.run",
+     "learn a stream and report its accuracy (default: the offline demo)"),
+    ("list", "retain.commands.listing",
+     "list methods, datasets, backbones, presets, or a method's hyper-parameters"),
+    ("info", "retain.commands.info",
+     "a method's paper, tags, hyper-parameters, needs and presets"),
+    ("show", "retain.commands.show", "print the tables of a run folder again"),
+    ("verify", "retain.verify", "check a run folder, its checkpoints and cache entries"),
+]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retain", description="Continual learning, honestly measured.")
-    sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("run", help="learn a stream and report its accuracy (default: offline demo)")
-    for flag, (_, typ, text) in RUN_FLAGS.items():
-        r.add_argument(flag, type=typ, help=text)
-    r.add_argument("--preset", help="a shipped configuration (retain list presets)")
-    r.add_argument("--config", help="YAML file of config keys")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, or a method hyper-parameter as params.NAME=VALUE")
-    r.add_argument("--no-cache", action="store_true", help="keep frozen features in memory only")
-    r.add_argument("--fresh", action="store_true", help="discard an earlier run in the folder")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    ls = sub.add_parser("list", help="list methods, datasets or backbones")
-    ls.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
-    sh = sub.add_parser("show", help="print the tables of a run folder again")
-    sh.add_argument("run_dir")
-    from . import verify  # retain verify (integrity branch hook)
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: ... (retain run --help)``, exit code 2."""
 
-    verify.add_parser(sub)
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the arguments of the one subcommand named in ``argv`` (if any)."""
+    p = Parser(prog="retain", description="Continual learning, honestly measured.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module, text in COMMANDS:
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of input errors")
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sp)
+            sp.set_defaults(handler=module)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser(argv)
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
         return 0
     try:
-        if args.command == "list":
-            print(listing(args.what))
-        elif args.command == "show":
-            show(Path(args.run_dir))
-        elif args.command == "verify":
-            from . import verify
-
-            return verify.main(args)
-        else:
-            run_command(args)
+        return importlib.import_module(args.handler).main(args) or 0
     except RetainError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
 
 
-def run_command(args: argparse.Namespace) -> None:
-    from .config import make_config
-    from .runner import run
+def __getattr__(name: str):
+    if name == "RUN_FLAGS":  # the run flags, as before the commands had their own modules
+        from .commands.run import RUN_FLAGS
 
-    flags = {key: getattr(args, flag[2:].replace("-", "_"))
-             for flag, (key, _, _) in RUN_FLAGS.items()}
-    if args.no_cache:
-        flags["cache"] = False
-    config = make_config(args.config, flags, args.set, preset=args.preset)
-    run(config, fresh=args.fresh, progress=not args.quiet)
-
-
-def show(run_dir: Path) -> None:
-    from . import report
-    from .errors import ConfigError
-    from .verify import trusted_results
-
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise ConfigError(f"no results.json in {run_dir}; pass a folder written by `retain run`")
-    results, notes = trusted_results(run_dir)  # validated, checked against its checkpoints
-    print("\n".join([report.table(results), *notes]))
-
-
-def listing(what: str) -> str:
-    import retain
-
-    if what == "methods":
-        return "\n".join(f"{n:<14} {c.paper}  [{', '.join(sorted(c.tags)) or '-'}]"
-                         for n, c in ((n, retain.METHODS.get(n)) for n in retain.METHODS))
-    if what == "presets":
-        from .config import list_presets, preset_path, read_yaml
-
-        return "\n".join(f"{n:<40} {read_yaml(preset_path(n)).get('description', '')}"
-                         for n in list_presets())
-    if what == "datasets":
-        return "\n".join(f"{n:<16} {c.num_classes or '?':>4} classes  {c.description}"
-                         for n, c in ((n, retain.DATASETS.get(n)) for n in retain.DATASETS))
-    return "\n".join(f"{n:<44} {(f.__doc__ or '').strip().splitlines()[0] if f.__doc__ else ''}"
-                     for n, f in ((n, retain.BACKBONES.get(n)) for n in retain.BACKBONES))
+        return RUN_FLAGS
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":  # python -m retain.cli

@@ -4,7 +4,9 @@ Precedence: defaults < ``--preset NAME`` < ``--config file.yaml`` < explicit com
 < ``--set key=value``. Presets are YAML files shipped in ``retain/presets/`` that reproduce a
 published configuration (method, hyper-parameters, dataset, scenario, backbone).
 Method hyper-parameters live under ``params`` (``--set params.lr=0.01``) and are validated
-against the method's signature when the run starts.
+against the method's signature when the run starts. ``subset`` draws a per-class subset of the
+dataset for quick experiments (``--set subset.train=300``). A misspelt key is an error that
+names the closest valid keys, in the same words whether it came from a file or from ``--set``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ class RunConfig:
     cache_dir: str | None = None  # feature cache folder; None: ~/.cache/retain/features
     cache: bool = True  # keep frozen features on disk across runs
     keep_checkpoints: Literal["last", "all"] = "last"  # per-task checkpoints to keep
+    # per-class subset {"train": n, "test": m}: n training / m test images of each class, drawn
+    # with the run seed (positions stay those of the full split, so cached features are reused)
+    subset: dict[str, int] = field(default_factory=dict)
     description: str = ""  # free text; presets say what they reproduce
 
     constraints = {"seed": P.Interval(0, 2**32 - 1), "batch_size": P.Interval(1, None),
                    "image_size": P.Interval(8, 4096)}
+    subset_keys = ("train", "test")
 
     @property
     def run_dir(self) -> Path:
@@ -68,7 +74,8 @@ def list_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+        raise ConfigError(P.unknown_message("preset", name, list_presets(),
+                                            otherwise=" (retain list presets)"))
     return path
 
 
@@ -77,52 +84,117 @@ def make_config(file: str | Path | None = None, flags: dict[str, Any] | None = N
     """A validated RunConfig from a preset, a YAML file, explicit flags and ``key=value``."""
     values: dict[str, Any] = {}
     if preset is not None:
-        values |= read_yaml(preset_path(preset))
+        values = merge(values, checked_keys(read_yaml(preset_path(preset)), f"preset {preset}"))
     if file is not None:
-        values = merge(values, read_yaml(file))
+        values = merge(values, checked_keys(read_yaml(file), str(file)))
     values = merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
     for item in sets or []:
         apply_set(values, item)
-    return RunConfig(**P.validate(RunConfig, values, what="config"))
+    table = P.specs(RunConfig)
+    out = P.check(table, RunConfig.constraints, values, "config", kind="config key")
+    out["subset"] = checked_subset(out.get("subset", {}))
+    return RunConfig(**out)
+
+
+def config_keys() -> list[str]:
+    """Every valid key, ``subset.train``-style for nested ones (what "did you mean" draws on)."""
+    keys = [f.name for f in fields(RunConfig) if f.name != "subset"]
+    return keys + [f"subset.{k}" for k in RunConfig.subset_keys]
+
+
+def checked_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` unchanged, or a ConfigError naming the first misspelt key and its neighbours."""
+    top = {f.name for f in fields(RunConfig)}
+    for key, value in data.items():
+        if key not in top:
+            raise ConfigError(unknown_key(str(key), source))
+        if key == "subset" and isinstance(value, dict):
+            for k in value:
+                if k not in RunConfig.subset_keys:
+                    raise ConfigError(unknown_key(f"subset.{k}", source))
+    return data
+
+
+def unknown_key(key: str, source: str) -> str:
+    return P.unknown_message("config key", key, config_keys(), f"in {source}",
+                             " (a method's hyper-parameters go under params: params.NAME)")
+
+
+def checked_subset(subset: dict[str, Any]) -> dict[str, int]:
+    """{"train": n, "test": m} with positive integer counts (either may be left out)."""
+    out = {}
+    for key, value in subset.items():
+        n = P.coerce(value, int, f"config.subset.{key}")
+        if n < 1:
+            raise ConfigError(f"config.subset.{key} = {n}: give at least 1 image per class, or "
+                              "leave subset out to use every image")
+        out[str(key)] = n
+    return out
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``; method ``params`` are merged key by key."""
+    """``top`` over ``base``; method ``params`` and ``subset`` are merged key by key."""
     out = base | top
-    if isinstance(base.get("params"), dict) and isinstance(top.get("params"), dict):
-        out["params"] = base["params"] | top["params"]
+    for key in ("params", "subset"):
+        if isinstance(base.get(key), dict) and isinstance(top.get(key), dict):
+            out[key] = base[key] | top[key]
     return out
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a ConfigError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {path} {what}; pass a YAML file of config keys")
     try:
-        data = yaml.safe_load(path.read_bytes()) or {}
-    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 too
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())[:200]}") from e
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file (byte {e.start} is not UTF-8); pass a "
+                          "YAML file of config keys") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{path}{_where(e)}: {e.problem}; config files hold plain values "
+                          "(numbers, strings, lists, mappings), no tags") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{_where(e)} is not valid YAML: {problem}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
     return data
 
 
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C reader where libyaml is present
+
+
+def _where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
 def apply_set(values: dict[str, Any], item: str) -> None:
-    """'key=value' or 'params.key=value' into ``values`` (values parsed later, by type)."""
+    """'key=value', 'params.key=value' or 'subset.train=n' into ``values`` (values are parsed
+    later, by type)."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, value = item.split("=", 1)
     key = key.strip()
-    if key.startswith("params."):
-        values["params"] = dict(values.get("params") or {}) | {key[7:]: value}
-        return
-    valid = [f.name for f in fields(RunConfig)]
-    if key not in valid:
-        raise ConfigError(f"unknown config key {key!r}; valid: {', '.join(valid)} "
-                          "(method hyper-parameters: params.NAME)")
+    for group in ("params", "subset"):
+        if key.startswith(group + "."):
+            if group == "subset" and key[7:] not in RunConfig.subset_keys:
+                raise ConfigError(unknown_key(key, f"--set {item}"))
+            values[group] = dict(values.get(group) or {}) | {key[len(group) + 1:]: value}
+            return
+    if key not in {f.name for f in fields(RunConfig)} or key in ("params", "subset"):
+        raise ConfigError(unknown_key(key, f"--set {item}"))
     values[key] = None if value.strip().lower() in ("null", "none", "~") else value
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a config that determines the results."""
-    return {k: v for k, v in config.items() if k not in VOLATILE}
+    """The part of a config that determines the results (an empty ``subset``, i.e. every image,
+    is left out, so runs written before the key existed still compare equal)."""
+    return {k: v for k, v in config.items() if k not in VOLATILE and (k != "subset" or v)}

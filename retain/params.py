@@ -9,6 +9,7 @@ names the key and the valid choices.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import types
 import typing
@@ -54,20 +55,43 @@ def specs(cls: type) -> dict[str, tuple[Any, Any]]:
 def validate(cls: type, given: dict[str, Any], *, what: str = "") -> dict[str, Any]:
     """Typed values for ``given``; unknown keys, wrong types and bad ranges are ConfigErrors."""
     what = what or getattr(cls, "name", cls.__name__)
-    table = specs(cls)
-    unknown = sorted(set(given) - set(table))
+    return check(specs(cls), getattr(cls, "constraints", {}), given, what)
+
+
+def check(table: dict[str, tuple[Any, Any]], constraints: dict[str, Interval],
+          given: dict[str, Any], what: str, kind: str = "hyper-parameter") -> dict[str, Any]:
+    """``validate`` on a table name -> (annotation, default) (e.g. from ``retain.catalog``)."""
+    if not isinstance(given, dict):
+        raise ConfigError(f"the {kind}s of {what} must be a mapping of names to values, "
+                          f"got {given!r}")
+    unknown = sorted((str(k) for k in set(given) - set(table)), key=str)
     if unknown:
-        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for {what}; valid: "
-                          f"{', '.join(sorted(table)) or '(none)'}")
+        raise ConfigError(unknown_message(kind, unknown[0], table, f"of {what}"))
     out = {}
     for name, value in given.items():
         out[name] = coerce(value, table[name][0], f"{what}.{name}")
-    check_constraints(cls, {n: d for n, (_, d) in table.items()} | out, what)
+    check_constraints_table(constraints, {n: d for n, (_, d) in table.items()} | out, what)
     return out
 
 
+def unknown_message(kind: str, key: str, valid, where: str = "", otherwise: str = "") -> str:
+    """"unknown KIND 'key' WHERE; did you mean 'x'?" when a valid name is close (difflib), else
+    the list of valid names (and ``otherwise``, a hint on where the key may belong)."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=2, cutoff=0.6)
+    head = f"unknown {kind} {key!r}{' ' + where if where else ''}"
+    if close:
+        return f"{head}; did you mean {' or '.join(repr(c) for c in close)}?"
+    return f"{head}; valid: {', '.join(valid) or '(none)'}{otherwise}"
+
+
 def check_constraints(cls: type, values: dict[str, Any], what: str) -> None:
-    for name, interval in getattr(cls, "constraints", {}).items():
+    check_constraints_table(getattr(cls, "constraints", {}), values, what)
+
+
+def check_constraints_table(constraints: dict[str, Interval], values: dict[str, Any],
+                            what: str) -> None:
+    for name, interval in constraints.items():
         v = values.get(name)
         if v is not None and v not in interval:
             raise ConfigError(f"{what}.{name} = {v!r} is out of range; it must lie in {interval}")
@@ -75,11 +99,8 @@ def check_constraints(cls: type, values: dict[str, Any], what: str) -> None:
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
     """``value`` as ``annotation``; strings are read as YAML scalars first ('1e-3', 'true')."""
-    if isinstance(value, str) and annotation is not str and value.strip():
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:  # not a YAML scalar: kept as the string, refused below
-            pass
+    if isinstance(value, str) and annotation is not str:
+        value = _yaml_scalar(value)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
@@ -95,7 +116,9 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key} = {value!r} is not a valid {_name(annotation)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key} = {value!r} is not one of {list(args)}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key} = {value!r} is not one of {list(args)}{hint}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -106,6 +129,17 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} = {value!r} must be a list of {_name(args[0])}")
         return origin(coerce(v, args[0], key) for v in value)
     return _scalar(value, annotation, key)
+
+
+def _yaml_scalar(text: str) -> Any:
+    """``text`` read as a YAML value ('1e-3', 'true', '[1, 2]'), or ``text`` itself where it is
+    not valid YAML (then the type check names the key and the expected type)."""
+    if not text.strip():
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _scalar(value: Any, annotation: type, key: str) -> Any:
@@ -127,4 +161,47 @@ def _scalar(value: Any, annotation: type, key: str) -> Any:
 
 
 def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# -- annotations as text (the catalog stores them; ``annotation`` reads them back) -----------
+def type_text(annotation: Any) -> str:
+    """``annotation`` as Python source that ``annotation()`` turns back into it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return "Any"
+    if annotation is type(None) or annotation is None:
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else type_text(a) for a in args)
+        return f"{origin.__name__}[{inner}]" if args else origin.__name__
+    return annotation.__name__
+
+
+_NAMES = {"Any": Any, "Literal": Literal, "None": None, "int": int, "float": float,
+          "bool": bool, "str": str, "tuple": tuple, "list": list, "dict": dict}
+
+
+def annotation(text: str) -> Any:
+    """The annotation written as ``text`` by ``type_text``."""
+    return eval(text, {"__builtins__": {}}, dict(_NAMES))  # noqa: S307 (our own catalog text)
+
+
+def describe_type(annotation: Any) -> str:
+    """A short human reading: 'int', 'float or None', 'one of: a, b', 'list of int'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(a) for a in args)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {describe_type(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if annotation is type(None):
+        return "None"
     return getattr(annotation, "__name__", str(annotation))

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .io import write_bytes
 
 
 def pct(x: float) -> str:
@@ -95,6 +94,8 @@ def plot(results: dict, run_dir: Path) -> list[Path]:
 
 
 def _save(fig, canvas, path: Path) -> Path:
+    from .io import write_bytes  # (torch: imported only when a figure is written)
+
     buf = io.BytesIO()
     canvas(fig).print_png(buf)
     write_bytes(path, buf.getvalue())

@@ -27,18 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics, report
+from . import metrics, preflight, report
 from .backbones import create_backbone
 from .config import RunConfig, comparable
-from .context import Context, resolve_device
-from .datasets import create_dataset
+from .context import Context
+from .datasets import create_dataset, per_class_subset
 from .errors import ConfigError
 from .evaluation import evaluate, task_inference_accuracy
 from .features import FeatureCache, default_cache_dir
 from .io import file_lock, write_json, write_tensors
-from .methods import METHODS, Method, create_method
-from .methods.base import TASK_FREE
-from .params import validate
+from .methods import Method, create_method
+from .methods.base import TASK_FREE, task_free_refusal
 from .scenarios import TaskFree, make_scenario
 from .scenarios.orders import with_task_order
 from .verify import RESULTS_FORMAT, checkpoint_file, load_results, stage_state
@@ -54,21 +53,24 @@ class Run:
     ctx: Context
 
 
-def build(config: RunConfig) -> Run:
-    """Load the data, the backbone and the method named in ``config``."""
-    validate(METHODS.get(config.method), config.params, what=config.method)
+def build(config: RunConfig, echo=lambda *_: None) -> Run:
+    """Check every input (``retain.preflight``), then load the data, the backbone and the
+    method named in ``config``; ``echo`` says what is loading."""
+    preflight.check_setting(config)
+    echo(f"loading {config.dataset} ...")
     bundle = create_dataset(config.dataset, config.data_root).load()
+    if config.subset:
+        bundle = per_class_subset(bundle, **config.subset, seed=config.seed)
     scenario = make_scenario(bundle, config.scenario, seed=config.seed)
     if config.task_order:
         scenario = with_task_order(scenario, config.task_order)
+    echo(f"loading backbone {config.backbone} ...")
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
     method = create_method(config.method, backbone, **config.params)
     if isinstance(scenario, TaskFree):
         check_task_free(method)
     cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
-    device = resolve_device(config.device)
-    batch_size = config.batch_size or (16 if device.type == "cpu" else 128)  # CPU: memory-bound
-    ctx = Context(device=device, batch_size=batch_size,
+    ctx = Context(device=config.device, batch_size=config.batch_size,
                   autocast=config.autocast == "bf16", seed=config.seed,
                   cache=FeatureCache(cache_root))
     return Run(config, scenario, method, ctx)
@@ -77,10 +79,7 @@ def build(config: RunConfig) -> Run:
 def check_task_free(method: Method) -> None:
     """Refuse a method that needs task boundaries on a task-free stream."""
     if TASK_FREE not in method.tags:
-        able = [n for n in METHODS.names() if TASK_FREE in METHODS.get(n).tags]
-        raise ConfigError(f"{method.name} needs task boundaries (it would treat every segment "
-                          f"as a task), so it cannot learn a TaskFree stream; methods that learn "
-                          f"task-free: {', '.join(able)} (supsup_gn with mode=NNs)")
+        raise ConfigError(task_free_refusal(method.name))
 
 
 def learning_units(scenario, task) -> list:
@@ -91,12 +90,12 @@ def learning_units(scenario, task) -> list:
 def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:
     """Learn the stream of ``config`` (resuming in its run folder); returns the results dict."""
     run_dir = config.run_dir
-    validate(METHODS.get(config.method), config.params, what=config.method)
+    preflight.check_inputs(config, fresh=fresh)
     with run_lock(run_dir, echo):
         if fresh:
             clear(run_dir)
         previous = load_previous(run_dir, config)
-        r = build(config)
+        r = build(config, echo)
         r.ctx.progress = progress
         results = previous or new_results(r)
         start = len(results["stages"])

@@ -52,11 +52,13 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
                             momentum, optimizer, scheduler)
     model.to(ctx.device).train()
     losses = []
-    for _ in tqdm(range(epochs), desc=desc, disable=not ctx.progress, leave=False):
+    bar = progress_bar(ctx, epochs * n, desc)
+    for _ in range(epochs):
         perm = torch.randperm(n, generator=generator).numpy()
         total = 0.0
         for start in range(0, n, batch_size):
             pos = perm[start : start + batch_size]
+            bar.update(len(pos))
             x, y = _to(inputs(pos), ctx.device), targets[pos].to(ctx.device)
             loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -69,8 +71,16 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
                 sched.step()
             total += float(loss.detach()) * len(pos)
         losses.append(total / n)
+    bar.close()
     model.eval()
     return losses
+
+
+def progress_bar(ctx: Context, images: int, desc: str) -> tqdm:
+    """A bar over every image of every epoch, with images per second (off unless
+    ``ctx.progress``): a one-epoch task moves batch by batch, not 0/1 then 1/1."""
+    return tqdm(total=images, desc=desc, unit="img", unit_scale=True, leave=False,
+                disable=not ctx.progress, dynamic_ncols=True)
 
 
 def _to(x, device):

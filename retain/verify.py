@@ -353,8 +353,8 @@ def _check_cache(rep: Report, results: dict) -> None:
             rep.ok(f"cache entry {folder}: {rows} rows verified")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check a run folder, its checkpoints and cache entries")
+def add_arguments(p) -> None:
+    """The arguments of ``retain verify`` (hooked in by ``retain.cli.COMMANDS``)."""
     p.add_argument("run_dir", help="a run folder written by `retain run`")
     p.add_argument("--rollback", action="store_true",
                    help="truncate the run to its last stage whose checkpoint verifies")

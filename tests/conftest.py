@@ -38,6 +38,17 @@ def tiny_bundle(num_classes: int = 6, train: int = 12, test: int = 6, size: int 
     return DataBundle("tiny", make(train), make(test), tuple(f"c{i}" for i in range(num_classes)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _context_cache_in_memory():
+    """``Context()`` keeps features in the CLI's disk cache; in the tests each ``Context()``
+    starts with an empty in-memory cache instead, so no test reads or fills the user's
+    ``~/.cache/retain/features`` and image counts do not depend on earlier tests
+    (``tests/test_readme.py`` runs the disk default, in a temporary folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("retain.context.default_cache_dir", lambda: None)
+        yield
+
+
 @pytest.fixture(scope="session")
 def bundle() -> DataBundle:
     return tiny_bundle()

@@ -13,8 +13,11 @@ from .base import (
     IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
+    SPECS,
     Backbone,
     BackboneFactory,
+    BackboneSpec,
+    backbone_spec,
     create_backbone,
     hub_error,
     register_backbone,
@@ -23,5 +26,5 @@ from .base import (
 )
 
 __all__ = ["BACKBONES", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD",
-           "Backbone", "BackboneFactory", "create_backbone", "hub_error", "register_backbone",
-           "sha256_file", "sha256_state"]
+           "SPECS", "Backbone", "BackboneFactory", "BackboneSpec", "backbone_spec",
+           "create_backbone", "hub_error", "register_backbone", "sha256_file", "sha256_state"]

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsError
 from ..registry import Registry
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,10 +55,38 @@ class Backbone:
 
 BackboneFactory = Callable[..., Backbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+SPECS: dict[str, BackboneSpec] = {}  # name -> what it is, known without building it
 
 
-def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+def register_backbone(name: str, spec: BackboneSpec | None = None
+                      ) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register a factory ``(weights=None, image_size=None) -> Backbone`` with its ``spec``
+    (what it is, for the methods' needs; without one no need is checked before loading)."""
+    if spec is not None:
+        SPECS[name] = spec
     return BACKBONES.register(name)
+
+
+def backbone_spec(name: str) -> BackboneSpec | None:
+    """The spec of backbone ``name``: registered, or read from timm's architecture (built on the
+    meta device: no memory, no weights) for any other pretrained timm name; None for a backbone
+    registered without one."""
+    if name in SPECS or name in BACKBONES:
+        return SPECS.get(name)
+    import timm
+
+    if not (timm.is_model(name.split(".")[0]) and name in timm.list_models(pretrained=True)):
+        BACKBONES.get(name)  # the unknown-backbone error, with the choices
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and hasattr(model, "patch_embed"):
+        patch = model.patch_embed.patch_size[0]
+        return BackboneSpec("vit", size, patch, depth=len(blocks), patch=patch,
+                            weights=f"hub:{model.pretrained_cfg.get('hf_hub_id') or 'timm/' + name}"
+                            "/model.safetensors")
+    return BackboneSpec("cnn", size, 32, weights=f"hub:timm/{name}/model.safetensors")
 
 
 def create_backbone(name: str, weights: str | Path | None = None,

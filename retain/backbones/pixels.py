@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 from .base import Backbone, load_strict, register_backbone, require_file, sha256_state
 from .files import read_state
 
 
-@register_backbone("pixels")
+@register_backbone("pixels", BackboneSpec("pixels", 28))
 def pixels(weights=None, image_size=None) -> Backbone:
     """Raw gray pixels, MNIST normalisation (0.1307, 0.3081), for networks trained from scratch.
 
@@ -23,14 +24,14 @@ def pixels(weights=None, image_size=None) -> Backbone:
     return _pixels("pixels", image_size or 28, (0.1307,) * 3, (0.3081,) * 3, gray=True)
 
 
-@register_backbone("pixels_rgb")
+@register_backbone("pixels_rgb", BackboneSpec("pixels", 32))
 def pixels_rgb(weights=None, image_size=None) -> Backbone:
     """Raw RGB pixels, CIFAR-100 normalisation, for networks trained from scratch (S = 32)."""
     return _pixels("pixels_rgb", image_size or 32, (0.5071, 0.4865, 0.4409),
                    (0.2673, 0.2564, 0.2762), gray=False)
 
 
-@register_backbone("resnet18_reduced")
+@register_backbone("resnet18_reduced", BackboneSpec("cnn", 32))
 def resnet18_reduced(weights=None, image_size=None) -> Backbone:
     """GEM's reduced ResNet-18 (nf = 20, 160-d features), randomly initialised (seeded) for
     training from scratch, on CIFAR-normalised RGB images (S = 32); ``--weights`` loads a

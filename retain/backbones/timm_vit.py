@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..specs import BackboneSpec
 from ..transforms import Preprocess
 from . import base
 from .base import (
@@ -102,13 +103,15 @@ def _timm_factory(name: str) -> BackboneFactory:
 
 
 for _name in TIMM_VITS:
-    register_backbone(_name)(_timm_factory(_name))
+    register_backbone(_name, BackboneSpec("vit", 224, 16, depth=12, patch=16,
+                                          weights=f"hub:timm/{_name}/model.safetensors"))(
+        _timm_factory(_name))
 
 
 # ----------------------------------------------------------------------------- test backbones
 
 
-@register_backbone("vit_tiny_random")
+@register_backbone("vit_tiny_random", BackboneSpec("vit", 32, 8, depth=2, patch=8))
 def vit_tiny_random(weights=None, image_size=None) -> Backbone:
     """A 2-block, 48-wide random ViT on 32-px inputs (seeded): for tests, not for results."""
     from timm.models.vision_transformer import VisionTransformer

@@ -14,8 +14,9 @@ from .base import (
     Domains,
     Split,
     create_dataset,
+    per_class_subset,
     register_dataset,
 )
 
 __all__ = ["DATASETS", "DataBundle", "Dataset", "Domains", "Split", "create_dataset", "folders",
-           "offline", "register_dataset"]
+           "offline", "per_class_subset", "register_dataset"]

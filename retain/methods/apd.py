@@ -48,13 +48,14 @@ from ..layers.apd import APDNet, TaskView, kmeans, prune
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import image_inputs, predict_batches
-from .base import GROWS, TASK_ID_AT_TEST, Method, count, register_method
+from .base import GROWS, PIXELS, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 
 @register_method("apd")
 class APD(Method):
     paper = "Yoon et al., ICLR 2020 (arXiv 1902.09432)"
     tags = frozenset({GROWS, TASK_ID_AT_TEST})
+    needs = Needs(PIXELS, streams=frozenset({"task"}))  # its own network; task id at test
     constraints = {"epochs": Interval(1, None), "batch_size": Interval(1, None),
                    "lr": Interval(0, None, "neither"), "lr_decay": Interval(0, 1, "right"),
                    "wd": Interval(0, None), "l1": Interval(0, None), "approx": Interval(0, None),
@@ -84,7 +85,7 @@ class APD(Method):
         self.cluster_every = cluster_every  # consolidate after every this many tasks
         self.k_centroids = k_centroids  # clusters per consolidation round
         self.gap = gap  # β: entries within this spread become local-shared
-        self.kmeans_iters = kmeans_iters
+        self.kmeans_iters = kmeans_iters  # iterations of each k-means consolidation
         self.tau_init = tau_init  # "shared": τ_t ← σ (official code); "zeros"
         self.val_fraction = val_fraction  # held out for checkpoint selection; 0: train on all
         self.select_last = select_last  # pick the best of the last epochs on validation

@@ -23,7 +23,7 @@ from ..datasets.base import Split
 from ..layers.heads import CosineHead, class_means
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import FROZEN_AFTER_FIRST, Method, count, register_method
+from .base import FROZEN_AFTER_FIRST, VIT_OR_CLIP, Method, Needs, count, register_method
 
 
 @register_method("aper")
@@ -33,6 +33,12 @@ class APER(Method):
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "weight_decay": Interval(0, None),
                    "vpt_tokens": Interval(1, None), "adapter_bottleneck": Interval(1, None)}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        if hp["peft"] == "finetune":
+            return [Needs()]
+        return [Needs(VIT_OR_CLIP, because=f"peft={hp['peft']}", fix="--set params.peft=finetune")]
 
     def __init__(self, backbone, *,
                  peft: Literal["finetune", "vpt_shallow", "vpt_deep", "ssf",
@@ -48,7 +54,7 @@ class APER(Method):
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.augment = augment
-        self.vpt_tokens = vpt_tokens
+        self.vpt_tokens = vpt_tokens  # prompt tokens per layer (peft=vpt_shallow / vpt_deep)
         self.adapter_bottleneck = adapter_bottleneck
         self.adapted_: Backbone | None = None
         self.tuned_: torch.nn.Module | None = None

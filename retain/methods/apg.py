@@ -58,7 +58,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, VIT, Method, Needs, count, register_method
 
 _POS = Interval(0, None, "neither")
 
@@ -79,6 +79,12 @@ class APG(Method):
                    "finetune_warmup_lr": _POS, "finetune_min_lr": Interval(0, None),
                    "cov_eps": _POS}
 
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:  # the prompt enters before block L + 1
+        layer = hp["immediate_layer"]
+        return [Needs(VIT), Needs(VIT, blocks=layer + 2, because=f"immediate_layer={layer}",
+                                  fix="--set params.immediate_layer=0")]
+
     def __init__(self, backbone, *, immediate_layer: int = 5, generator_heads: int = 4,
                  generator_residual: bool = False, proxies_per_class: int = 10,
                  epochs: int = 100, lr: float = 1e-3, warmup_epochs: int = 5,
@@ -91,7 +97,7 @@ class APG(Method):
                  finetune_min_lr: float = 1e-4, cov_eps: float = 1e-6, augment: bool = True):
         super().__init__(backbone)
         self.immediate_layer = immediate_layer  # the generator reads the class token after it
-        self.generator_heads = generator_heads
+        self.generator_heads = generator_heads  # attention heads of the prompt generator
         self.generator_residual = generator_residual  # yaml APG_residual: False
         self.proxies_per_class = proxies_per_class  # fc_proxy_per_class
         self.epochs = epochs
@@ -107,11 +113,11 @@ class APG(Method):
         self.constraint_coeff = constraint_coeff  # centre constraint, L1
         self.memory_ce_coeff = memory_ce_coeff  # cross_entropy_mem
         self.center_samples = center_samples  # library draws per step (128 × center_lib_n 4)
-        self.finetune_epochs = finetune_epochs
+        self.finetune_epochs = finetune_epochs  # head fine-tuning epochs (tasks 2, 3, ...)
         self.finetune_epochs_per_task = finetune_epochs_per_task  # scale_finetune_epochs
-        self.finetune_lr = finetune_lr
-        self.finetune_warmup_lr = finetune_warmup_lr
-        self.finetune_min_lr = finetune_min_lr
+        self.finetune_lr = finetune_lr  # fine-tuning learning rate
+        self.finetune_warmup_lr = finetune_warmup_lr  # fine-tuning rate at the start of its warm-up
+        self.finetune_min_lr = finetune_min_lr  # floor of the fine-tuning schedule
         self.cov_eps = cov_eps
         self.augment = augment
         self.net_: _APGNet | None = None

@@ -4,6 +4,18 @@ A method learns one task in place (``learn``), predicts logits over every class 
 (``predict``), and round-trips its state through a flat dict of tensors (``state_dict`` /
 ``load_state_dict``, saved as safetensors). ``__init__`` stores the backbone and the typed
 hyper-parameters and does nothing else; learned state ends with an underscore.
+
+What a method needs of its backbone and stream is declared, not discovered by a crash: each
+class states ``needs`` (a ``Needs``: the backbone kinds it runs on, a least ViT depth, an input
+size multiple, the stream kinds, a most number of tasks), and overrides the classmethod
+``requirements(hp)`` where a hyper-parameter adds a need (APER's ``peft=adapter`` needs a ViT;
+CODA-Prompt's ``layers`` need that many blocks). ``check_needs`` holds them against the light
+descriptions of ``retain.specs`` (``BackboneSpec``, ``StreamSpec``), so the command line and
+``retain.run`` refuse an impossible run before any data or weights load, with one line saying
+why and what to set. Only the descriptions are read: no backbone is built. ``Needs`` and
+its vocabulary (``FEATURES``, ``VIT``, ``VIT_OR_CLIP``, ``CLIP``, ``PIXELS``, ``NEW_CLASSES``)
+live in ``retain.specs``, which imports no torch, so the catalog can hold the needs of each
+method's defaults and the command line refuses those in milliseconds.
 """
 
 from __future__ import annotations
@@ -17,11 +29,27 @@ import torch
 from torch import nn
 
 from .. import params as P
+from .. import specs
 from ..backbones import Backbone
 from ..context import Context
 from ..datasets.base import Split
+from ..errors import ConfigError
 from ..registry import Registry
 from ..scenarios.base import Task
+from ..specs import (  # noqa: F401  (the vocabulary of needs, for the method files)
+    ANY_BACKBONE,
+    CLIP,
+    FEATURES,
+    NEW_CLASSES,
+    PIXELS,
+    VIT,
+    VIT_OR_CLIP,
+    BackboneSpec,
+    Needs,
+    StreamSpec,
+    blocks_needed,
+    first_unmet,
+)
 
 # Capability tags: which conformance checks apply, and what a reader of results must know.
 FROZEN_BACKBONE = "frozen_backbone"  # the backbone is never updated: features come from cache
@@ -43,6 +71,13 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     tags: ClassVar[frozenset[str]] = frozenset()
     constraints: ClassVar[dict[str, P.Interval]] = {}
+    needs: ClassVar[Needs] = Needs()  # what it needs whatever its hyper-parameters
+
+    @classmethod
+    def requirements(cls, hp: dict[str, Any]) -> list[Needs]:
+        """What the method needs with hyper-parameters ``hp`` (all of them, defaults filled
+        in). Override where a hyper-parameter adds a need; keep it to reading ``hp``."""
+        return [cls.needs]
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
@@ -139,6 +174,25 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         return METHODS.register(name)(cls)
 
     return decorate
+
+
+def check_needs(name: str, hp: dict[str, Any], backbone: str, spec: BackboneSpec,
+                size: int | None = None, stream: StreamSpec | None = None) -> None:
+    """ConfigError (one line: why, and what to set) unless method ``name`` with the typed
+    hyper-parameters ``hp`` (defaults filled in where missing) can run on backbone ``backbone``
+    (``spec``, input ``size``; None: its default) and ``stream`` (None: not checked)."""
+    cls = METHODS.get(name)
+    hp = {n: d for n, (_, d) in P.specs(cls).items()} | hp
+    if stream is not None and stream.task_free and TASK_FREE not in cls.tags:
+        raise ConfigError(task_free_refusal(name))
+    problem = first_unmet(name, cls.requirements(hp), backbone, spec, size, stream)
+    if problem:
+        raise ConfigError(problem)
+
+
+def task_free_refusal(name: str) -> str:
+    return specs.task_free_refusal(
+        name, [n for n in METHODS.names() if TASK_FREE in METHODS.get(n).tags])
 
 
 def create_method(name: str, backbone: Backbone, **params: Any) -> Method:

@@ -44,7 +44,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches, query_inputs, task_cross_entropy
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, VIT_OR_CLIP, Method, Needs, blocks_needed, count, register_method
 
 
 @register_method("coda_prompt")
@@ -55,6 +55,15 @@ class CodaPrompt(Method):
                    "num_tasks": Interval(1, None), "ortho_mu": Interval(0, None),
                    "epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "clip_grad": Interval(0, None, "neither")}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        return [Needs(VIT_OR_CLIP),
+                Needs(VIT_OR_CLIP, blocks=blocks_needed(hp["layers"]),
+                      because=f"layers={hp['layers']}", fix="--set params.layers=[0,1]"),
+                Needs(VIT_OR_CLIP, max_tasks=hp["num_tasks"],
+                      because=f"num_tasks={hp['num_tasks']}",
+                      fix="--set params.num_tasks=N (the stream's number of tasks)")]
 
     def __init__(self, backbone, *, pool_size: int = 100, prompt_length: int = 8,
                  layers: tuple[int, ...] = (0, 1, 2, 3, 4), num_tasks: int = 10,

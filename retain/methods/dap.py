@@ -61,7 +61,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches, query_inputs, task_cross_entropy
 from ..transforms import Augment
-from .base import Method, count, register_method
+from .base import VIT, Method, Needs, count, register_method
 
 # official train transform: resize 256, random crop 224 (area (224/256)^2), flip
 _CROP = Augment(scale=((224 / 256) ** 2, (224 / 256) ** 2), ratio=(1.0, 1.0))
@@ -75,6 +75,12 @@ class DAP(Method):
                    "pool_size": Interval(1, None), "pull_coeff": Interval(0, None),
                    "epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "clip_grad": Interval(0, None, "neither")}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        return [Needs(VIT), Needs(VIT, max_tasks=hp["pool_size"],
+                                  because=f"pool_size={hp['pool_size']}",
+                                  fix="--set params.pool_size=N (one key per task)")]
 
     def __init__(self, backbone, *, num_tokens: int = 10, task_dim: int = 16,
                  pool_size: int = 10, pull_coeff: float = 0.1, epochs: int = 5,
@@ -94,7 +100,7 @@ class DAP(Method):
         self.clip_grad = clip_grad
         self.augment = augment
         self.last_block_tokens = last_block_tokens  # False: the last block gets no DAP tokens
-        self.freeze_mixer_after_first = freeze_mixer_after_first
+        self.freeze_mixer_after_first = freeze_mixer_after_first  # token mixer: task 0 only
         self.restrict_to_task = restrict_to_task  # test logits only for the chosen task
         self.majority_vote = majority_vote  # official batch vote (uses batch information)
         self.net_: _DAPNet | None = None

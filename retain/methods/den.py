@@ -62,7 +62,7 @@ from ..layers.sparse import Head, forward, glorot, leaves
 from ..metrics import mean_class_auroc
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import GROWS, TASK_ID_AT_TEST, Method, count, register_method
+from .base import ANY_BACKBONE, GROWS, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 NEG = -1e9  # logits of classes outside the sample's task
 
@@ -71,6 +71,7 @@ NEG = -1e9  # logits of classes outside the sample's task
 class DEN(Method):
     paper = "Yoon et al., ICLR 2018 (arXiv 1708.01547)"
     tags = frozenset({TASK_ID_AT_TEST, GROWS})
+    needs = Needs(ANY_BACKBONE)  # raw pixels or any features
     constraints = {"steps": Interval(1, None), "batch_size": Interval(1, None),
                    "lr": Interval(0, None, "neither"), "lr_decay": Interval(0, 1, "right"),
                    "l1": Interval(0, None), "l2": Interval(0, None),

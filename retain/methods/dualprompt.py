@@ -46,7 +46,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches, query_inputs, task_cross_entropy
 from ..transforms import Augment
-from .base import Method, count, register_method
+from .base import VIT, Method, Needs, blocks_needed, count, register_method
 
 
 @register_method("dualprompt")
@@ -57,6 +57,15 @@ class DualPrompt(Method):
                    "epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "clip_grad": Interval(0, None, "neither")}
 
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        layers = tuple(hp["g_layers"]) + tuple(hp["e_layers"])
+        return [Needs(VIT), Needs(VIT, blocks=blocks_needed(layers),
+                                  because=f"g_layers={hp['g_layers']}, e_layers={hp['e_layers']}",
+                                  fix="--set params.g_layers=[0] --set params.e_layers=[1]"),
+                Needs(VIT, max_tasks=hp["pool_size"], because=f"pool_size={hp['pool_size']}",
+                      fix="--set params.pool_size=N (one E-prompt per task)")]
+
     def __init__(self, backbone, *, g_layers: tuple[int, ...] = (0, 1),
                  e_layers: tuple[int, ...] = (2, 3, 4), g_length: int = 5, e_length: int = 5,
                  pool_size: int = 10, pull_coeff: float = 0.1, epochs: int = 5,
@@ -66,8 +75,8 @@ class DualPrompt(Method):
         super().__init__(backbone)
         self.g_layers = g_layers  # blocks with the shared G-prompt (() for none)
         self.e_layers = e_layers  # blocks with the task's E-prompt
-        self.g_length = g_length
-        self.e_length = e_length
+        self.g_length = g_length  # tokens of each G-prompt (shared by all tasks)
+        self.e_length = e_length  # tokens of each E-prompt (one per task)
         self.pool_size = pool_size  # E-prompts and keys: at most this many tasks
         self.pull_coeff = pull_coeff  # λ: PILOT 0.1, DP-pt 1.0
         self.epochs = epochs
@@ -75,7 +84,7 @@ class DualPrompt(Method):
         self.batch_size = batch_size
         self.clip_grad = clip_grad  # None: no clipping (PILOT); DP-pt clips at 1.0
         self.augment = augment
-        self.shared_prompt_pool = shared_prompt_pool
+        self.shared_prompt_pool = shared_prompt_pool  # E-prompt t starts as a copy of E-prompt t-1
         self.batchwise_prompt = batchwise_prompt
         self.net_: _DualPromptNet | None = None
 

@@ -56,7 +56,7 @@ from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import image_inputs, predict_batches
-from .base import GROWS, USES_MEMORY, Method, count, register_method
+from .base import GROWS, NEW_CLASSES, PIXELS, USES_MEMORY, Method, Needs, count, register_method
 
 
 @register_method("dytox")
@@ -73,6 +73,12 @@ class DyTox(Method):
                    "memory_size": Interval(0, None), "div_weight": Interval(0, None),
                    "tau": Interval(0, None, "neither"), "mixup": Interval(0, None),
                    "smoothing": Interval(0, 1, "left")}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        return [Needs(PIXELS, streams=NEW_CLASSES),  # its own ViT on raw pixels
+                Needs(PIXELS, size_multiple=hp["patch_size"],
+                      because=f"patch_size={hp['patch_size']}")]
 
     def __init__(self, backbone, *, embed_dim: int = 384, depth: int = 5, num_heads: int = 12,
                  patch_size: int = 4, mlp_ratio: float = 4.0, drop_path: float = 0.1,
@@ -99,7 +105,7 @@ class DyTox(Method):
         self.warmup_epochs = warmup_epochs  # linear from 1e-6, then cosine down to min_lr
         self.min_lr = min_lr
         self.memory_size = memory_size  # total exemplars (global memory)
-        self.selection = selection
+        self.selection = selection  # how rehearsal exemplars are chosen
         self.div_weight = div_weight  # λ_div; 0 disables the divergence head
         self.tau = tau  # distillation temperature
         self.mixup = mixup  # MixUp α; > 0 is DyTox+ (0.8)

@@ -47,13 +47,14 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, count, register_method
 
 
 @register_method("ease")
 class EASE(Method):
     paper = "Zhou et al., CVPR 2024 (arXiv 2403.12030)"
     tags = frozenset({GROWS})
+    needs = Needs(VIT, streams=NEW_CLASSES)
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "weight_decay": Interval(0, None),
                    "momentum": Interval(0, 1, "left"), "adapter_bottleneck": Interval(1, None),
@@ -70,8 +71,8 @@ class EASE(Method):
         self.momentum = momentum
         self.augment = augment
         self.adapter_bottleneck = adapter_bottleneck
-        self.alpha = alpha
-        self.cache_features = cache_features
+        self.alpha = alpha  # weight of the other subspaces' scores (alpha / t each)
+        self.cache_features = cache_features  # cache subspace features
         self.trunk_: nn.Module | None = None  # frozen copy of the backbone, shared by subspaces
         self.adapters_: list[AdapterSet] = []  # A_0..A_t, frozen
         self.subspaces_: list[Backbone] = []  # trunk + A_j as a frozen Backbone (cache key)

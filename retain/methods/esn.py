@@ -45,7 +45,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, image_inputs, predict_batches
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, count, register_method
 
 GATE = 1e4  # subtracted from the logits of the stages not chosen (finite, keeps their order)
 
@@ -54,6 +54,7 @@ GATE = 1e4  # subtracted from the logits of the stages not chosen (finite, keeps
 class ESN(Method):
     paper = "Wang et al., AAAI 2023 (arXiv 2208.13224)"
     tags = frozenset({GROWS})
+    needs = Needs(VIT, streams=NEW_CLASSES)
     constraints = {"prompt_tokens": Interval(0, None), "epochs": Interval(0, None),
                    "lr": Interval(0, None, "neither"), "batch_size": Interval(1, None),
                    "weight_decay": Interval(0, None), "momentum": Interval(0, 1, "left"),
@@ -68,17 +69,17 @@ class ESN(Method):
                                                     0.7, 0.8, 0.9, 1.0),
                  augment: bool = True):
         super().__init__(backbone)
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = prompt_tokens  # shared prompt tokens, trained on task 0 then frozen
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.momentum = momentum
-        self.anchor_energy = anchor_energy
-        self.energy_lambda = energy_lambda
-        self.energy_beta = energy_beta
+        self.anchor_energy = anchor_energy  # target energy of a stage
+        self.energy_lambda = energy_lambda  # weight of the energy term
+        self.energy_beta = energy_beta  # inverse temperature of the energy (a logsumexp)
         self.mlp_ratio = mlp_ratio
-        self.temperatures = temperatures
+        self.temperatures = temperatures  # candidate temperatures of each stage's calibration
         self.augment = augment
         self.vit_: nn.Module | None = None  # frozen copy of the backbone (not stored)
         self.prompt_: nn.Parameter | None = None  # (P, D), trained on task 0

@@ -118,9 +118,12 @@ def fisher_diagonal(m: EWC, split: Split, ctx: Context, generator: torch.Generat
         log_p = F.log_softmax(model(x).float()[0], dim=0)  # (C,)
         y = int(split.targets[i]) if m.fisher == "empirical" else int(
             torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator))
-        grads = torch.autograd.grad(log_p[y], list(params.values()))
+        # allow_unused: a parameter outside the forward (EfficientNet's ImageNet classifier)
+        # has no gradient, so Fisher 0 and no penalty
+        grads = torch.autograd.grad(log_p[y], list(params.values()), allow_unused=True)
         for f, g in zip(fisher.values(), grads, strict=True):
-            f += g.pow(2)
+            if g is not None:
+                f += g.pow(2)
     return {n: (f / len(split)).detach().cpu() for n, f in fisher.items()}
 
 

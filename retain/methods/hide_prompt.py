@@ -74,7 +74,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import feature_inputs, fit, predict_batches, task_cross_entropy
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, blocks_needed, count, register_method
 
 POS = Interval(0, None, "neither")
 
@@ -92,6 +92,12 @@ class HiDePrompt(Method):
                    "ca_lr": POS, "ca_samples": Interval(1, None), "tii_ca_lr": POS,
                    "tii_ca_samples": Interval(1, None), "ca_weight_decay": Interval(0, None),
                    "cov_eps": Interval(0, None)}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        return [Needs(VIT, streams=NEW_CLASSES),
+                Needs(VIT, blocks=blocks_needed(hp["e_layers"]),
+                      because=f"e_layers={hp['e_layers']}", fix="--set params.e_layers=[0]")]
 
     def __init__(self, backbone, *, e_layers: tuple[int, ...] = (0, 1, 2, 3, 4),
                  prompt_length: int = 5, epochs: int = 50, lr: float = 0.0028125,
@@ -117,18 +123,18 @@ class HiDePrompt(Method):
         self.augment = augment
         self.reg = reg  # weight of the contrastive term: CIFAR 0.1, ImageNet-R 0.5
         self.temperature = temperature
-        self.prompt_momentum = prompt_momentum
+        self.prompt_momentum = prompt_momentum  # m: (1-m) P_t + m mean(old)
         self.shared_prompt_pool = shared_prompt_pool  # E-prompt t starts as E-prompt t−1
         self.tii_hidden = tii_hidden  # TII MLP width = this × D (mlp_structure [2])
-        self.tii_epochs = tii_epochs
+        self.tii_epochs = tii_epochs  # Adam epochs of the task-inference net per task
         self.tii_lr = tii_lr  # Adam, constant: 0.0005 · 24/256
         self.n_centroids = n_centroids  # k-means clusters per class (both statistics)
         self.ca_epochs = ca_epochs  # alignment epochs of TII and head (crct_epochs)
         self.ca_lr = ca_lr  # head alignment (TAP) SGD rate
         self.ca_samples = ca_samples  # TAP: draws per cluster per epoch, also the batch
         self.tii_ca_lr = tii_ca_lr  # TII alignment rate: 0.005 · 24/256
-        self.tii_ca_samples = tii_ca_samples
-        self.ca_weight_decay = ca_weight_decay
+        self.tii_ca_samples = tii_ca_samples  # TII alignment: draws per cluster per epoch
+        self.ca_weight_decay = ca_weight_decay  # weight decay of the alignment steps
         self.cov_eps = cov_eps  # ε added to every variance when sampling
         self.net_: HiDeNet | None = None
         self.tii_: TaskInferenceNet | None = None

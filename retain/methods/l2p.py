@@ -44,12 +44,13 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches, query_inputs, task_cross_entropy
 from ..transforms import Augment
-from .base import Method, count, register_method
+from .base import VIT, Method, Needs, count, register_method
 
 
 @register_method("l2p")
 class L2P(Method):
     paper = "Wang et al., CVPR 2022 (arXiv 2112.08654)"
+    needs = Needs(VIT)
     constraints = {"pool_size": Interval(1, None), "prompt_length": Interval(1, None),
                    "top_k": Interval(1, None), "pull_coeff": Interval(0, None),
                    "epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
@@ -60,11 +61,11 @@ class L2P(Method):
                  epochs: int = 5, lr: float = 0.001875, batch_size: int = 16,
                  clip_grad: float = 1.0, augment: bool = True, batchwise_prompt: bool = False):
         super().__init__(backbone)
-        self.pool_size = pool_size
+        self.pool_size = pool_size  # M: prompts in the shared pool
         self.prompt_length = prompt_length
-        self.top_k = top_k
-        self.pull_coeff = pull_coeff
-        self.head_type = head_type
+        self.top_k = top_k  # N: prompts each sample picks by key-query cosine
+        self.pull_coeff = pull_coeff  # lambda of the key-query pull term
+        self.head_type = head_type  # feature: mean of the prompt outputs, or the class token
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size

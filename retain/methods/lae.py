@@ -54,7 +54,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, image_inputs, predict_batches, task_cross_entropy
 from ..transforms import Augment
-from .base import Method, count, register_method
+from .base import VIT_OR_CLIP, Method, Needs, blocks_needed, count, register_method
 
 
 @register_method("lae")
@@ -64,6 +64,12 @@ class LAE(Method):
                    "lora_rank": Interval(1, None), "epochs": Interval(0, None),
                    "num_freeze_epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "ema_decay": Interval(0, 1)}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        return [Needs(VIT_OR_CLIP), Needs(VIT_OR_CLIP, blocks=blocks_needed(hp["blocks"]),
+                                          because=f"blocks={hp['blocks']}",
+                                          fix="--set params.blocks=[0,1]")]
 
     def __init__(self, backbone, *, pet: Literal["prefix", "adapter", "lora"] = "prefix",
                  blocks: tuple[int, ...] = (0, 1, 2, 3, 4), prefix_length: int = 10,
@@ -75,10 +81,10 @@ class LAE(Method):
         super().__init__(backbone)
         self.pet = pet  # the PET kind (official pet_cls: Prefix, Adapter, LoRA)
         self.blocks = blocks  # blocks that carry the PET (official adapt_blocks)
-        self.prefix_length = prefix_length
+        self.prefix_length = prefix_length  # prefix tokens per block (pet=prefix)
         self.compensatory = compensatory  # renormalise the prefix attention (official True)
         self.adapter_bottleneck = adapter_bottleneck  # official down_sample 5
-        self.lora_rank = lora_rank
+        self.lora_rank = lora_rank  # rank of the LoRA updates (pet=lora)
         self.epochs = epochs
         self.num_freeze_epochs = num_freeze_epochs  # head-only epochs at the start of a task
         self.lr = lr

@@ -25,7 +25,7 @@ from ..layers.multilayer import multilayer_backbone
 from ..layers.ridge import RidgeStatistics, select_lambda_cv
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import FROZEN_AFTER_FIRST, Method, count, register_method
+from .base import FROZEN_AFTER_FIRST, VIT, Method, Needs, count, register_method
 
 # the official VPT: 10 zero-initialised tokens appended after the patches (PILOT's placement)
 PEFT_OPTIONS = {"vpt_deep": {"num_tokens": 10, "placement": "pilot"},
@@ -40,6 +40,11 @@ class LayUP(Method):
                    "lr": Interval(0, None, "neither"), "batch_size": Interval(1, None),
                    "folds": Interval(2, None)}
 
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:  # the class tokens of the last k blocks
+        return [Needs(VIT), Needs(VIT, blocks=hp["layers"], because=f"layers={hp['layers']}",
+                                  fix="--set params.layers=K with K at most the ViT's depth")]
+
     def __init__(self, backbone, *, layers: int = 6,
                  peft: Literal["none", "finetune", "adapter", "ssf", "vpt_shallow",
                                "vpt_deep"] = "vpt_deep",
@@ -47,7 +52,7 @@ class LayUP(Method):
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
                  folds: int = 4):
         super().__init__(backbone)
-        self.layers = layers
+        self.layers = layers  # k: class tokens of the last k blocks form the feature
         self.peft = peft
         self.epochs = epochs
         self.lr = lr
@@ -55,7 +60,7 @@ class LayUP(Method):
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.augment = augment
-        self.folds = folds
+        self.folds = folds  # cross-validation folds of the ridge lambda
         self.body_: Backbone | None = None  # multi-layer view of the (adapted) network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None

@@ -56,7 +56,7 @@ from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches
-from .base import GROWS, USES_MEMORY, Method, count, register_method
+from .base import CLIP, GROWS, USES_MEMORY, Method, Needs, count, register_method
 
 FROZEN = ("clip.", "text.", "vit.")  # frozen copies: identified by the backbones, not stored
 
@@ -65,6 +65,7 @@ FROZEN = ("clip.", "text.", "vit.")  # frozen copies: identified by the backbone
 class PromptFusion(Method):
     paper = "Chen et al., ECCV 2024 (arXiv 2303.07223)"
     tags = frozenset({GROWS, USES_MEMORY})
+    needs = Needs(CLIP)  # and a ViT booster (params.booster)
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "weight_decay": Interval(0, None), "batch_size": Interval(1, None),
                    "context_length": Interval(1, None), "clip_prompt_length": Interval(1, None),
@@ -84,8 +85,8 @@ class PromptFusion(Method):
         self.weight_decay = weight_decay
         self.batch_size = batch_size
         self.context_length = context_length  # M: CoOp context vectors per class
-        self.clip_prompt_length = clip_prompt_length
-        self.booster_prompt_length = booster_prompt_length
+        self.clip_prompt_length = clip_prompt_length  # prompt tokens of the CLIP image tower
+        self.booster_prompt_length = booster_prompt_length  # prompt tokens of the booster ViT
         self.memory_size = memory_size  # exemplars in total
         self.clip_grad = clip_grad
         self.booster_head = booster_head  # booster feature: mean of prompt outputs, or class token

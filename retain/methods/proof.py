@@ -52,13 +52,14 @@ from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import feature_inputs, fit, predict_batches
-from .base import GROWS, USES_MEMORY, Method, count, register_method
+from .base import CLIP, GROWS, USES_MEMORY, Method, Needs, count, register_method
 
 
 @register_method("proof")
 class Proof(Method):
     paper = "Zhou et al., TPAMI 2025 (arXiv 2305.19270)"
     tags = frozenset({GROWS, USES_MEMORY})
+    needs = Needs(CLIP)
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "weight_decay": Interval(0, None),
                    "momentum": Interval(0, 1), "prompts_per_task": Interval(1, None),
@@ -80,7 +81,7 @@ class Proof(Method):
         self.templates = templates  # the first trains; all are averaged at test
         self.memory_size = memory_size  # exemplars in total (per class if memory_per_class)
         self.memory_per_class = memory_per_class
-        self.freeze_old_text_projections = freeze_old_text_projections
+        self.freeze_old_text_projections = freeze_old_text_projections  # (paper) old ones fixed
         self.batch_mean = batch_mean  # official: fused texts/prototypes averaged over the batch
         self.net_: _ProofNet | None = None
         self.memory_ = self._memory()

@@ -28,7 +28,7 @@ from ..datasets.base import Split
 from ..layers.ridge import RANPAC_LAMBDAS, RidgeStatistics, select_lambda
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import FROZEN_AFTER_FIRST, Method, count, register_method
+from .base import FROZEN_AFTER_FIRST, VIT_OR_CLIP, Method, Needs, count, register_method
 
 
 @register_method("ranpac")
@@ -38,6 +38,12 @@ class RanPAC(Method):
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "projection_dim": Interval(0, None),
                    "weight_decay": Interval(0, None)}
+
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        if hp["peft"] in ("none", "finetune"):
+            return [Needs()]
+        return [Needs(VIT_OR_CLIP, because=f"peft={hp['peft']}", fix="--set params.peft=none")]
 
     def __init__(self, backbone, *,
                  peft: Literal["none", "finetune", "adapter", "ssf", "vpt_shallow",
@@ -53,8 +59,8 @@ class RanPAC(Method):
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.augment = augment
-        self.projection_dim = projection_dim
-        self.head = head
+        self.projection_dim = projection_dim  # M: width of the random ReLU projection (0: none)
+        self.head = head  # linear (official) or cosine (PILOT) ridge head
         self.body_: Backbone | None = None  # the (adapted) frozen network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None

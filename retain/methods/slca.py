@@ -50,7 +50,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import feature_inputs, fit, load_prefixed, predict_batches
 from ..transforms import Augment
-from .base import GROWS, Method, count, register_method
+from .base import GROWS, NEW_CLASSES, Method, Needs, count, register_method
 
 
 class TaskHeads(nn.Module):
@@ -100,6 +100,7 @@ def alignment_loss(z: torch.Tensor, y: torch.Tensor, sizes: list[int], tau: floa
 class SLCA(Method):
     paper = "Zhang et al., ICCV 2023 (arXiv 2303.05118)"
     tags = frozenset({GROWS})
+    needs = Needs(streams=NEW_CLASSES)  # a head per task
     constraints = {"epochs": Interval(1, None), "lr": Interval(0, None, "neither"),
                    "backbone_lr_scale": Interval(0, None), "milestone": Interval(1, None),
                    "lr_decay": Interval(0, None, "neither"), "batch_size": Interval(1, None),

@@ -57,7 +57,7 @@ from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit, predict_batches, task_cross_entropy
 from ..transforms import Augment
-from .base import FROZEN_BACKBONE, GROWS, Method, register_method
+from .base import CLIP, FROZEN_BACKBONE, GROWS, VIT_OR_CLIP, Method, Needs, register_method
 
 
 @register_method("sprompts")
@@ -71,6 +71,12 @@ class SPrompts(Method):
                    "init_weight_decay": Interval(0, None), "batch_size": Interval(1, None),
                    "text_context": Interval(1, None)}
 
+    @classmethod
+    def requirements(cls, hp: dict) -> list[Needs]:
+        if hp["variant"] == "language_image":  # S-liPrompts: text contexts per domain
+            return [Needs(CLIP, because="variant=language_image", fix="--set params.variant=image")]
+        return [Needs(VIT_OR_CLIP)]
+
     def __init__(self, backbone, *, variant: Literal["image", "language_image"] = "image",
                  prompt_length: int = 10, text_context: int = 16, num_centroids: int = 5,
                  epochs: int = 30, lr: float = 0.01, weight_decay: float = 2e-4,
@@ -80,13 +86,13 @@ class SPrompts(Method):
         self.variant = variant  # "image": S-iPrompts; "language_image": S-liPrompts (CLIP)
         self.prompt_length = prompt_length
         self.text_context = text_context  # M: CoOp context vectors per domain (language_image)
-        self.num_centroids = num_centroids
+        self.num_centroids = num_centroids  # K: k-means centroids of each domain's features
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
-        self.init_epochs = init_epochs
-        self.init_lr = init_lr
-        self.init_weight_decay = init_weight_decay
+        self.init_epochs = init_epochs  # epochs of the first domain
+        self.init_lr = init_lr  # learning rate of the first domain
+        self.init_weight_decay = init_weight_decay  # weight decay of the first domain
         self.batch_size = batch_size
         self.augment = augment
         self.net_: SPromptsNet | None = None

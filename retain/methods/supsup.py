@@ -42,7 +42,7 @@ from ..layers.masked import (
 from ..layers.mlp import build_net
 from ..params import Interval
 from ..scenarios.base import Task
-from .base import TASK_ID_AT_TEST, Method, count, register_method
+from .base import ANY_BACKBONE, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
 Net = Literal["fc300x300", "fc300x100", "fc1024", "fc312x128", "lenet_conv", "resnet18_gem"]
@@ -53,6 +53,7 @@ NEG = -1e9  # logits of classes outside the predicted mask
 class SupSup(Method):
     paper = "Wortsman et al., NeurIPS 2020 (arXiv 2006.14769)"
     tags = frozenset({TASK_ID_AT_TEST})
+    needs = Needs(ANY_BACKBONE)  # raw pixels or any features
     modes: ClassVar[tuple[str, ...]] = ("GG",)
     constraints = {"output_size": Interval(1, None), "density": Interval(0, 1, "right"),
                    "epochs": Interval(1, None), "max_steps": Interval(0, None),
@@ -66,8 +67,8 @@ class SupSup(Method):
                  optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop", lr: float = 1e-4,
                  weight_decay: float = 0.0, cosine: bool = False):
         super().__init__(backbone)
-        self.mode = mode
-        self.net = net
+        self.mode = mode  # GG: task id given; GN: inferred at test; NNs: also task-free
+        self.net = net  # the random network the masks select from
         self.output_size = output_size  # outputs per mask; beyond a task's classes: superfluous
         self.mask = mask  # threshold: 1[S >= 0]; topk: the `density` largest |S|
         self.density = density  # fraction of weights kept by topk ("sparsity" officially)
@@ -75,7 +76,7 @@ class SupSup(Method):
         self.epochs = epochs
         self.max_steps = max_steps  # 0: no cap (official iter_lim, e.g. 1000)
         self.batch_size = batch_size
-        self.optimizer = optimizer
+        self.optimizer = optimizer  # optimiser of the mask scores
         self.lr = lr
         self.weight_decay = weight_decay  # applied to the scores (official default 1e-4)
         self.cosine = cosine  # cosine learning rate over each task (GG/GN)

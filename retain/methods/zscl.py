@@ -46,7 +46,7 @@ from ..layers.zscl import distillation, merge_running_mean, read_reference, warm
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import image_inputs, load_prefixed, predict_batches
-from .base import Method, count, register_method
+from .base import CLIP, Method, Needs, count, register_method
 
 
 class ClipPair(nn.Module):
@@ -72,6 +72,7 @@ class ClipClassifier(nn.Module):
 @register_method("zscl")
 class ZSCL(Method):
     paper = "Zheng et al., ICCV 2023"
+    needs = Needs(CLIP)
     constraints = {"iterations": Interval(1, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "weight_decay": Interval(0, None),
                    "beta2": Interval(0, 1, "left"), "warmup": Interval(0, None),
@@ -89,21 +90,21 @@ class ZSCL(Method):
                  ce_classes: Literal["task", "seen"] = "task",
                  reference: Literal["folder", "current"] = "folder", reference_root: str = ""):
         super().__init__(backbone)
-        self.iterations = iterations
+        self.iterations = iterations  # steps per task
         self.lr = lr
         self.batch_size = batch_size
         self.weight_decay = weight_decay
-        self.beta2 = beta2
-        self.warmup = warmup
-        self.label_smoothing = label_smoothing
+        self.beta2 = beta2  # AdamW beta2
+        self.warmup = warmup  # warm-up steps of the learning rate
+        self.label_smoothing = label_smoothing  # label smoothing of the cross-entropy
         self.temperature = temperature
-        self.image_loss = image_loss
-        self.text_loss = text_loss
-        self.l2 = l2
-        self.weight_ensemble = weight_ensemble
-        self.avg_freq = avg_freq
+        self.image_loss = image_loss  # weight of the image-side distillation
+        self.text_loss = text_loss  # weight of the text-side distillation
+        self.l2 = l2  # weight of the L2 pull to the task's starting weights
+        self.weight_ensemble = weight_ensemble  # predict with the running mean of the weights
+        self.avg_freq = avg_freq  # steps between weight-ensemble updates
         self.train_text = train_text  # False: the official train_mode="image"
-        self.template = template
+        self.template = template  # text prompt of a class name
         self.ce_classes = ce_classes  # "task": the official class-incremental code
         self.reference = reference  # "current": offline fallback, NOT the paper's setting
         self.reference_root = reference_root  # folder with captions.tsv (see read_reference)

@@ -1,0 +1,1 @@
+"""The subcommands of ``retain`` (see ``retain.cli``): one module each, light at the top."""
