@@ -1,4 +1,4 @@
-"""The ``retain`` command: run, list, show."""
+"""The ``retain`` command: run, list, show, predict, serve."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
     sh = sub.add_parser("show", help="print the tables of a run folder again")
     sh.add_argument("run_dir")
+    from .serve.cli import add_parsers as add_serve_parsers  # retain predict, retain serve
+
+    add_serve_parsers(sub)
     return p
 
 
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             print(listing(args.what))
         elif args.command == "show":
             show(Path(args.run_dir))
+        elif args.command in ("predict", "serve"):
+            from .serve.cli import main as serve_main
+
+            serve_main(args)
         else:
             run_command(args)
     except RetainError as e:

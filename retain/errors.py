@@ -15,3 +15,12 @@ class DataError(RetainError, FileNotFoundError):
 
 class WeightsError(RetainError, FileNotFoundError):
     """Backbone weights that cannot be obtained (offline, wrong file, wrong format)."""
+
+
+class ServeError(RetainError):
+    """A request the model server refuses (bad upload, over a limit, wrong state), with the HTTP
+    status it answers (401, 404, 409, 413, 422, ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
