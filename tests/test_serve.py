@@ -216,8 +216,9 @@ def test_limits_answer_413_naming_the_limit(serve_run, tmp_path):
         big = png(np.zeros((100, 100), np.uint8))  # 10,000 pixels, a few hundred bytes
         status, text = predict(files=[("files", ("a.png", big, "image/png"))])
         assert status == 413 and "100x100 = 10000 pixels" in text and "max_image_pixels" in text
-        status, text = predict(files=files("star", 4))
-        assert status == 413 and "max_predict_images=3" in text
+        for n in (4, 9):  # counted by us, or already by the multipart parser
+            status, text = predict(files=files("star", n))
+            assert status == 413 and "max_predict_images=3" in text
         r = c.post("/learn", files=files("star", 5), headers=TOKEN)
         assert r.status_code == 413 and "max_learn_images=4" in r.json()["detail"]
 
@@ -244,6 +245,23 @@ def test_learn_while_learning_is_refused_and_predictions_do_not_wait(client, mon
     gate.set()
     assert wait(client, job)["state"] == "done"
     assert client.post("/predict", files=files("star", 1)).json()["version"] == 2
+
+
+def test_a_failed_job_publishes_nothing(client, monkeypatch):
+    import retain.serve.server as server_module
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(server_module, "run_job", fail)
+    r = client.post("/learn", json={"images": [{"data": base64.b64encode(png(pattern(
+        "star", 0))).decode(), "label": "star"}]}, headers=TOKEN)
+    job = wait(client, r.json()["job"])
+    assert job["state"] == "failed" and job["error"] == "RuntimeError: out of memory"
+    assert client.get("/health").json() | {"learning": None} == client.get("/health").json()
+    assert [v["version"] for v in client.get("/versions").json()["versions"]] == [1]
+    r = client.post("/learn", json={"images": [{"data": "AAAA"}]}, headers=TOKEN)
+    assert r.status_code == 422 and "has no label" in r.json()["detail"]
 
 
 def test_other_refusals(client, serve_run, tmp_path):

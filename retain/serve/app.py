@@ -30,6 +30,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from ..errors import ServeError
 from .images import Limits, Upload, class_name, decode, from_base64, is_zip, read_zip
@@ -153,10 +154,11 @@ def number(value, name: str) -> float:
 async def read_uploads(request, limits: Limits, *, labelled: bool
                        ) -> tuple[list[Upload], dict]:
     """The images of a request (decoded and checked) and its other fields."""
-    most = limits.max_learn_images if labelled else limits.max_predict_images
+    limit = "max_learn_images" if labelled else "max_predict_images"
+    most = getattr(limits, limit)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        raw, fields = await read_form(request, most)
+        raw, fields = await read_form(request, most, limit)
     elif ctype == "application/json":
         try:
             body = await request.json()
@@ -170,7 +172,6 @@ async def read_uploads(request, limits: Limits, *, labelled: bool
                               f"application/zip, not {ctype or 'no content type'!r}")
     uploads = await run_in_threadpool(decode_all, raw, fields, limits, labelled)
     if len(uploads) > most:
-        limit = "max_learn_images" if labelled else "max_predict_images"
         raise ServeError(413, f"{len(uploads)} images in one request, over the limit "
                               f"{limit}={most}")
     if not uploads:
@@ -178,8 +179,14 @@ async def read_uploads(request, limits: Limits, *, labelled: bool
     return uploads, fields
 
 
-async def read_form(request, most: int) -> tuple[list[tuple], dict]:
-    form = await request.form(max_files=most + 1, max_fields=64)
+async def read_form(request, most: int, limit: str) -> tuple[list[tuple], dict]:
+    try:
+        form = await request.form(max_files=most, max_fields=64)
+    except HTTPException as e:  # starlette's own count of the parts
+        if "Too many files" in str(e.detail):
+            raise ServeError(413, f"more than {most} files in one request, over the limit "
+                                  f"{limit}={most}") from None
+        raise
     raw, fields = [], {}
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
@@ -198,7 +205,12 @@ def read_json_body(body, labelled: bool) -> tuple[list[tuple], dict]:
         if not isinstance(item, dict):
             raise ServeError(422, f"images[{i}] must be a base64 string or an object")
         name = str(item.get("name") or f"images[{i}]")
-        label = class_name(item["label"], name) if labelled and "label" in item else None
+        label = None
+        if labelled and "label" in item:
+            label = class_name(item["label"], name)
+        elif labelled and not body.get("label"):
+            raise ServeError(422, f"{name} has no label: give each image a 'label' (or one "
+                                  f"'label' for all)")
         raw.append((from_base64(item.get("data"), name), name, label))
     return raw, {k: v for k, v in body.items() if k != "images"}
 

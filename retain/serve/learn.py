@@ -123,16 +123,10 @@ def image_paths(store: VersionStore, spec: Spec, job_dir: Path, req: dict,
 
 def die_with_parent(parent: int) -> None:
     """End this process when the server that started it dies (also after kill -9), so no
-    orphaned job publishes a version behind a restarted server's back."""
-    import signal
+    orphaned job publishes a version behind a restarted server's back. (On Linux the server's
+    launcher has already asked for SIGKILL on its death; this covers the moment before, and
+    systems without prctl.)"""
     import threading
-
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
 
     def watch():
         while os.getppid() == parent:
@@ -145,7 +139,8 @@ def die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m retain.serve.learn STATE_DIR JOB_DIR PARENT_PID NICE"""
+    """python -m retain.serve.learn STATE_DIR JOB_DIR PARENT_PID NICE (the server starts it
+    through server.LAUNCH)"""
     state_dir, job_dir, parent, nice = (argv or sys.argv[1:])[:4]
     die_with_parent(int(parent))
     if int(nice):

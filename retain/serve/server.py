@@ -43,6 +43,13 @@ from .model import (
 from .store import VersionStore
 
 log = logging.getLogger("retain.serve")
+# a learn process asks to be killed with the server before its first heavy import
+# (PR_SET_PDEATHSIG; learn.main checks the parent again for the moments before that)
+LAUNCH = ("import ctypes, signal, sys\n"
+          "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+          "except (OSError, AttributeError):\n    pass\n"
+          "from retain.serve.learn import main\n"
+          "sys.exit(main(sys.argv[1:]))")
 
 
 @dataclass
@@ -152,8 +159,8 @@ class Server:
         out = []
         for v in self.store.numbers():
             try:
-                out.append(self.store.meta(v))
-            except ServeError:  # deleted meanwhile
+                out.append(read_json(self.store.folder(v) / "version.json"))
+            except OSError:  # deleted meanwhile
                 continue
         return out
 
@@ -235,7 +242,7 @@ class Server:
         job_dir = self.job_dir(job)
         with open(job_dir / "log.txt", "wb") as out:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "retain.serve.learn", str(self.store.root.absolute()),
+                [sys.executable, "-c", LAUNCH, str(self.store.root.absolute()),
                  str(job_dir.absolute()), str(os.getpid()), str(self.settings.nice)],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
             rc = self._process.wait()
