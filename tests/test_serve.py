@@ -264,6 +264,37 @@ def test_a_failed_job_publishes_nothing(client, monkeypatch):
     assert r.status_code == 422 and "has no label" in r.json()["detail"]
 
 
+def test_concurrent_predictions_share_a_forward_pass(client, digits):
+    """Requests that wait for a forward pass are answered by one (the answers equal those of
+    one request each, and name the same version)."""
+    from retain.serve.images import decode
+
+    server, images = client.app.state.server, digits[0]
+    uploads = [[decode(png(a), Limits(), f"{i}.png")] for i, a in enumerate(images)]
+    alone = [server.predict(u, 3) for u in uploads]
+    calls, top_k = [], server.model.top_k
+    server.model.top_k = lambda ups, k: (calls.append(len(ups)), top_k(ups, k))[1]
+    answers = [None] * len(uploads)
+
+    def ask(i):
+        answers[i] = server.predict(uploads[i], 2 + i % 2)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(uploads))]
+    with server._predict:  # a forward pass is running: every request waits
+        for t in threads:
+            t.start()
+        while len(server._queue) < len(uploads):
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    assert calls == [len(uploads)]
+    for i, (version, top) in enumerate(answers):
+        expected = alone[i][1][0][: 2 + i % 2]  # equal up to float summation order
+        assert version == 1 and [t["class"] for t in top[0]] == [t["class"] for t in expected]
+        assert np.allclose([t["score"] for t in top[0]], [t["score"] for t in expected],
+                           atol=1e-5)
+
+
 def test_other_refusals(client, serve_run, tmp_path):
     assert client.post("/rollback/9", headers=TOKEN).status_code == 404
     assert client.post("/rollback/1", headers=TOKEN).status_code == 409  # already served

@@ -98,6 +98,8 @@ class Server:
         self._process: subprocess.Popen | None = None
         self._change = threading.Lock()  # one state change (learn start, rollback) at a time
         self._predict = threading.Lock()  # one forward pass at a time (CPU-bound)
+        self._queue: list[_Pending] = []  # predictions waiting for the next forward pass
+        self._queue_lock = threading.Lock()
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
@@ -149,11 +151,36 @@ class Server:
 
     # -- answers --------------------------------------------------------------------------------
     def predict(self, uploads: list[Upload], k: int) -> tuple[int, list[list[dict]]]:
-        model = self.model  # read once: this version answers, whatever a job does meanwhile
-        if model is None:
-            raise ServeError(409, "the server knows no class yet: teach it with POST /learn")
+        """Top-k of each image and the version that answered. Requests that arrive while a
+        forward pass runs are answered together by the next one (group commit: each method's
+        prediction of a sample is independent of its batch, a conformance property)."""
+        mine = _Pending(uploads, k)
+        with self._queue_lock:
+            self._queue.append(mine)
         with self._predict:
-            return model.version, model.top_k(uploads, k)
+            while not mine.done.is_set():  # answer the oldest requests until mine is
+                with self._queue_lock:
+                    batch = take(self._queue, MAX_BATCH)
+                self._answer(batch)
+        if mine.error is not None:
+            raise mine.error
+        return mine.version, mine.top
+
+    def _answer(self, batch: list[_Pending]) -> None:
+        model = self.model  # read once: this version answers, whatever a job does meanwhile
+        try:
+            if model is None:
+                raise ServeError(409, "the server knows no class yet: teach it with "
+                                      "POST /learn")
+            top = model.top_k([u for p in batch for u in p.uploads], max(p.k for p in batch))
+            for p in batch:
+                p.top, top = [t[: p.k] for t in top[: len(p.uploads)]], top[len(p.uploads):]
+                p.version = model.version
+        except Exception as e:
+            for p in batch:
+                p.error = e
+        for p in batch:
+            p.done.set()
 
     def versions(self) -> list[dict]:
         out = []
@@ -278,6 +305,32 @@ class Server:
             self.store.delete(v)
 
 
+MAX_BATCH = 64  # images answered by one forward pass (at least one request)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One /predict request waiting for a forward pass."""
+
+    uploads: list[Upload]
+    k: int
+    done: threading.Event = field(default_factory=threading.Event)
+    top: list | None = None
+    version: int | None = None
+    error: Exception | None = None
+
+
+def take(queue: list[_Pending], most: int) -> list[_Pending]:
+    """The first requests of ``queue`` (removed from it), at most ``most`` images (or one)."""
+    n, images = 0, 0
+    while n < len(queue) and (n == 0 or images + len(queue[n].uploads) <= most):
+        images += len(queue[n].uploads)
+        n += 1
+    batch = queue[:n]
+    del queue[:n]
+    return batch
+
+
 def busy(job: Job | None) -> None:
     if job is not None:
         raise ServeError(409, f"job {job.id} is learning version {job.version}; one learn job "
@@ -293,7 +346,7 @@ def create(store: VersionStore, run_dir, method, backbone, params, weights, imag
         served = run_state(run_dir, spec, create_pristine(spec))
         _, results = read_run(run_dir)
         last = results["stages"][-1]
-        store.initialise(spec.to_dict())
+        shutil.rmtree(store.versions, ignore_errors=True)  # an interrupted creation's, if any
         store.write(1, served.state_dict(), {
             "kind": "run", "parent": None, "task": last["task"],
             "tasks_learned": served.tasks_learned_, "classes": list(names),
@@ -301,6 +354,7 @@ def create(store: VersionStore, run_dir, method, backbone, params, weights, imag
             "accuracy": sum(last["correct"]) / max(1, sum(last["total"])),
             "accuracy_on": "the run's test images of every seen class",
             "store_next": spec.store_offset, "source": str(Path(run_dir).absolute())})
+        store.initialise(spec.to_dict())  # last: a folder with server.json has its version 1
         return spec
     if method is None or backbone is None:
         raise ConfigError(f"{store.root} is no state folder yet: pass a run folder, or "
