@@ -1,6 +1,7 @@
 """The web page in a real browser: Debian's chromium driven headless by playwright against a
 `retain serve` started here on 127.0.0.1: classify, teach a new class, see it predicted, roll
-back. Screenshots go to test-artifacts/ (serve-page.png)."""
+back; teaching by loose images, by a zip and by a folder. Screenshots go to test-artifacts/
+(serve-page.png, serve-page-rolled-back.png)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def shape(kind: str, i: int) -> np.ndarray:
     a = np.random.RandomState(i).randint(0, 20, (8, 8)).astype(np.uint8)
     if kind == "star":
         a[3:5, :], a[:, 3:5] = 250, 250
-    else:
+    elif kind == "moon":
         a[:, :4] = 250
+    else:  # box
+        a[0, :], a[-1, :], a[:, 0], a[:, -1] = 250, 250, 250, 250
     return a
 
 
@@ -89,6 +92,8 @@ def test_page_classifies_teaches_and_rolls_back(server, tmp_path):
             z.writestr(f"moon/{i}.png", save(shape("moon", i), tmp_path / "m" / f"{i}.png")
                        .read_bytes())
     (tmp_path / "moons.zip").write_bytes(moons.getvalue())
+    for i in range(4):  # a folder of <class>/<image> folders
+        save(shape("box", i), tmp_path / "shapes" / "box" / f"{i}.png")
     ARTEFACTS.mkdir(exist_ok=True)
 
     with sync_api.sync_playwright() as p:
@@ -126,19 +131,25 @@ def test_page_classifies_teaches_and_rolls_back(server, tmp_path):
         page.click("#teach")
         page.wait_for_function("document.getElementById('message').textContent"
                                ".startsWith('version 3 learned moon')")
-        page.wait_for_function("document.querySelectorAll('#versions tr').length === 3")
+        page.set_input_files("#teach-folder", str(tmp_path / "shapes"))  # a folder
+        page.click("#teach")
+        page.wait_for_function("document.getElementById('message').textContent"
+                               ".startsWith('version 4 learned box')")
+        page.wait_for_function("document.querySelectorAll('#versions tr').length === 4")
         page.wait_for_function("document.getElementById('classes').textContent"
-                               ".includes('moon')")
+                               ".includes('box')")
+        page.set_input_files("#predict-files", [str(probe), str(tmp_path / "m" / "0.png")])
+        page.wait_for_selector("#results .card[data-top='moon']")
         page.screenshot(path=str(ARTEFACTS / "serve-page.png"), full_page=True)
 
         page.click("#versions button[data-version='1']")  # roll back to the run's model
         page.wait_for_function("document.getElementById('message').textContent"
-                               ".startsWith('now serving version 4')")
+                               ".startsWith('now serving version 5')")
         page.wait_for_function("!document.getElementById('classes').textContent"
                                ".includes('star')")
         page.set_input_files("#predict-files", str(probe))
         page.wait_for_function("document.querySelector('#results .card .meta').textContent"
-                               ".includes('version 4')")
+                               ".includes('version 5')")
         assert page.locator("#results .card").first.get_attribute("data-top") != "star"
         page.screenshot(path=str(ARTEFACTS / "serve-page-rolled-back.png"), full_page=True)
         browser.close()

@@ -241,6 +241,7 @@ class Server:
 
     def _run(self, job: Job) -> None:
         job.state, job.started = "running", time.time()
+        state, error = "failed", None
         try:
             if self.settings.learn_in == "thread":
                 run_job(self.store.root, self.job_dir(job))
@@ -249,16 +250,17 @@ class Server:
             model = self.load(job.version)
             self.model = model  # the swap: later predictions are answered by the new version
             job.accuracy = self.store.meta(job.version).get("accuracy")
-            job.state = "done"
+            state = "done"
             log.info("job %s done: version %d serves %d classes", job.id, job.version,
                      len(model.class_names))
         except Exception as e:
-            job.state, job.error = "failed", f"{type(e).__name__}: {e}"[:2000]
-            log.error("job %s failed: %s", job.id, job.error)
+            error = f"{type(e).__name__}: {e}"[:2000]
+            log.error("job %s failed: %s", job.id, error)
         finally:
-            job.finished = time.time()
             shutil.rmtree(self.job_dir(job), ignore_errors=True)
+            job.finished = time.time()
             self.running = None
+            job.error, job.state = error, state  # last: who sees the end may send the next job
 
     def _run_process(self, job: Job) -> None:
         import retain
