@@ -106,15 +106,21 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=DEFAULT_RUN)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--learn-nice", type=int, default=0,
+                    help="CPU priority of the learn processes (default 0 here: at the server's "
+                         "default 19 a job on a busy machine takes minutes, which changes no "
+                         "outcome, only the time the 20 trials take)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                     "serve_crash.json")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="serve-crash-"))
     state = tmp / "state"
-    out = {"run": str(args.run), "conditions": conditions(), "trials": []}
+    out = {"run": str(args.run), "conditions": conditions(), "learn_nice": args.learn_nice,
+           "trials": []}
     try:
-        proc, url = start_server(args.run, state)  # calibration: one uninterrupted job
+        nice = ("--learn-nice", str(args.learn_nice))
+        proc, url = start_server(args.run, state, *nice)  # calibration: an uninterrupted job
         t0 = time.perf_counter()
         job = post_learn(url, "calibration", "ring")
         while httpx.get(f"{url}/jobs/{job['job']}").json()["state"] in ("queued", "running"):
@@ -125,7 +131,7 @@ def main() -> None:
         out["uninterrupted_job_seconds"] = round(duration, 2)
         print(f"an uninterrupted learn job takes {duration:.1f} s", flush=True)
         for trial in range(args.trials):
-            proc, url = start_server(None, state)
+            proc, url = start_server(None, state, *nice)
             before = httpx.get(url + "/health").json()["version"]
             delay = rng.uniform(0, 1.2 * duration)
             job = post_learn(url, f"class{trial}", ("ring", "bar", "cross", "box")[trial % 4])
@@ -135,7 +141,7 @@ def main() -> None:
             proc.wait()
             time.sleep(1.0)
             orphans = [w for w in workers if alive(w)]
-            proc, url = start_server(None, state)
+            proc, url = start_server(None, state, *nice)
             found = check(url, state, before, job["version"])
             if orphans:
                 found["problems"].append(f"learn processes outlived the server: {orphans}")

@@ -7,10 +7,13 @@ report whether the method refuses it, ignores it (predictions unchanged) or lear
 server refuses known-class images for the others.
 
     PYTHONPATH=. python3 benchmarks/serve_known_classes.py [METHOD ...]
+
+Writes benchmarks/results/serve_known_classes.json (all methods only).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,13 +56,19 @@ def behaviour(name: str) -> str:
 
 def main() -> None:
     names = sys.argv[1:] or METHODS.names()
+    table = {}
     for name in names:
         t0 = time.perf_counter()
         b = behaviour(name)
         listed = name in KNOWN_CLASS_METHODS
         agree = listed == (b == "learns")
+        table[name] = {"behaviour": b, "listed": listed, "agrees": agree}
         print(f"{name:14s} {b:80s} listed={listed!s:5s} {'ok' if agree else 'MISMATCH'} "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
+    if not sys.argv[1:]:
+        out = Path(__file__).parent / "results" / "serve_known_classes.json"
+        out.write_text(json.dumps(table, indent=2))
+        print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 A server is started on 127.0.0.1 (a free port) from a finished run folder (default: the
 README's `retain run`, SimpleCIL on EfficientNet-Lite0 over MNIST-5k), learning in its default
-mode (a separate process at nice 10). A bounded load generator (C client threads, each with one
-keep-alive connection, one image per request, at most R requests per phase) measures, for C = 1
-and C = 8:
+mode (a separate process at nice 19). A bounded load generator (C client threads, each with one
+keep-alive connection and one request in flight, one MNIST test image per request) measures,
+for C = 1 and C = 8, after a warm-up at both concurrencies (every batch size a forward pass
+may see has run once):
 
-- idle: p50/p99 latency and throughput;
+- idle: p50/p99 latency and throughput over two idle periods of the same length, one just
+  before and one just after the learn job (so slow drifts of the machine's load fall on both);
 - during a learn job of 2 new classes (synthetic 28x28 shapes, N images each, posted after the
   clients have started): the same over the requests that started after the job was posted and
   ended before it was done, the failures over the whole phase, and the version that answered
@@ -16,7 +18,7 @@ Pass criteria of issue #12: p99 during learning within 2x of idle, no failed req
 response names its version. The machine's load average is recorded with each phase: on a
 shared machine the figures include other people's work.
 
-    PYTHONPATH=. python3 benchmarks/serve_load.py [--run RUN_DIR] [--requests 300]
+    PYTHONPATH=. python3 benchmarks/serve_load.py [--run RUN_DIR] [--idle-seconds 45]
 
 Writes benchmarks/results/serve_load.json.
 """
@@ -108,13 +110,13 @@ def mnist_images(n: int) -> list[bytes]:
 
 
 def client(url: str, images: list[bytes], budget: int, stop: threading.Event,
-           records: list, lock: threading.Lock, offset: int) -> None:
+           records: list, lock: threading.Lock, offset: int, until: float) -> None:
     import httpx
 
     assert url.startswith("http://127.0.0.1:"), "the load generator only targets 127.0.0.1"
     with httpx.Client(base_url=url, timeout=120) as c:
         for i in range(budget):
-            if stop.is_set():
+            if stop.is_set() or time.perf_counter() > until:
                 return
             data = images[(offset + i) % len(images)]
             t0 = time.perf_counter()
@@ -128,12 +130,14 @@ def client(url: str, images: list[bytes], budget: int, stop: threading.Event,
 
 
 def run_clients(url: str, images: list[bytes], clients: int, budget: int,
-                during=None) -> tuple[list, dict]:
-    """``clients`` threads with ``budget`` requests each; ``during(stop)`` runs meanwhile in
-    this thread (a learn job) and stops the clients when it returns."""
+                seconds: float = 1e9, during=None) -> tuple[list, dict]:
+    """``clients`` threads with at most ``budget`` requests each, for at most ``seconds``;
+    ``during()`` runs meanwhile in this thread (a learn job) and stops the clients when it
+    returns."""
     records, lock, stop = [], threading.Lock(), threading.Event()
+    until = time.perf_counter() + seconds
     threads = [threading.Thread(target=client, args=(url, images, budget, stop, records, lock,
-                                                     k * 997)) for k in range(clients)]
+                                                     k * 997, until)) for k in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -182,7 +186,8 @@ def learn_job(url: str, kinds: tuple[str, str], per_class: int, warmup: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=DEFAULT_RUN)
-    ap.add_argument("--requests", type=int, default=300, help="requests per idle phase")
+    ap.add_argument("--idle-seconds", type=float, default=45.0,
+                    help="length of each idle period (one before, one after the learn job)")
     ap.add_argument("--per-class", type=int, default=50, help="images per new class")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                     "serve_load.json")
@@ -194,16 +199,20 @@ def main() -> None:
     proc, url = start_server(args.run, state / "state")
     out = {"run": str(args.run), "conditions": conditions(), "phases": {}}
     try:
-        run_clients(url, images, 1, 10)  # warm-up
+        for clients in (1, 8, 1):  # warm-up: every batch size has run once
+            run_clients(url, images, clients, 12)
         pairs = iter([("ring", "bar"), ("cross", "box")])
         for clients in (1, 8):
-            budget = max(1, args.requests // clients)
             load0 = os.getloadavg()[0]
-            rec, info = run_clients(url, images, clients, budget)
-            idle = summary(rec, info["wall"]) | {"loadavg_1min": round(load0, 2)}
+            before, b = run_clients(url, images, clients, 10**6, args.idle_seconds)
             load1 = os.getloadavg()[0]
             rec, info = run_clients(url, images, clients, 10**6,
                                     during=learn_job(url, next(pairs), args.per_class, 1.0))
+            load2 = os.getloadavg()[0]
+            after, a = run_clients(url, images, clients, 10**6, args.idle_seconds)
+            idle = summary(before + after, b["wall"] + a["wall"]) | {
+                "loadavg_1min": [round(load0, 2), round(load2, 2)],
+                "p99_ms_before_after": [summary(before)["p99_ms"], summary(after)["p99_ms"]]}
             window = [r for r in rec if r[0] >= info["t_post"] and r[1] <= info["t_done"]]
             learning = summary(window, info["t_done"] - info["t_post"]) | {
                 "failed_whole_phase": sum(1 for r in rec if not r[2]),
@@ -213,6 +222,10 @@ def main() -> None:
                 "job_state": info["job"]["state"], "new_version": info["job"]["version"],
                 "loadavg_1min": round(load1, 2)}
             learning["p99_ratio"] = round(learning["p99_ms"] / idle["p99_ms"], 2)
+            learning["pass"] = (learning["p99_ratio"] <= 2.0
+                                and learning["failed_whole_phase"] == 0
+                                and learning["without_version_whole_phase"] == 0
+                                and learning["job_state"] == "done")
             out["phases"][f"{clients}_clients"] = {"idle": idle, "learning": learning}
             print(f"{clients} client(s): idle p50 {idle['p50_ms']} ms p99 {idle['p99_ms']} ms "
                   f"{idle['throughput_rps']} req/s | learning ({learning['learn_seconds']} s, "
@@ -220,7 +233,8 @@ def main() -> None:
                   f"{learning['p99_ms']} ms ({learning['p99_ratio']}x) "
                   f"{learning['throughput_rps']} req/s, failed "
                   f"{learning['failed_whole_phase']}, versions "
-                  f"{learning['versions_whole_phase']}", flush=True)
+                  f"{learning['versions_whole_phase']} -> "
+                  f"{'pass' if learning['pass'] else 'FAIL'}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

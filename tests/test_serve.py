@@ -198,6 +198,19 @@ def test_learn_refusals(client, request_kwargs, status, text):
     assert client.get("/health").json()["version"] == 1  # nothing changed
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that announces width x height 8-bit gray pixels (and holds none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def test_limits_answer_413_naming_the_limit(serve_run, tmp_path):
     limits = Limits(max_request_bytes=20_000, max_image_bytes=5_000, max_image_pixels=4096,
                     max_predict_images=3, max_learn_images=4)
@@ -216,6 +229,9 @@ def test_limits_answer_413_naming_the_limit(serve_run, tmp_path):
         big = png(np.zeros((100, 100), np.uint8))  # 10,000 pixels, a few hundred bytes
         status, text = predict(files=[("files", ("a.png", big, "image/png"))])
         assert status == 413 and "100x100 = 10000 pixels" in text and "max_image_pixels" in text
+        bomb = png_header(30_000, 30_000)  # 900 Mpixels announced: Pillow's guard answers
+        status, text = predict(files=[("files", ("bomb.png", bomb, "image/png"))])
+        assert status == 413 and "decompression bomb" in text and "max_image_pixels" in text
         for n in (4, 9):  # counted by us, or already by the multipart parser
             status, text = predict(files=files("star", n))
             assert status == 413 and "max_predict_images=3" in text
@@ -306,6 +322,12 @@ def test_other_refusals(client, serve_run, tmp_path):
     Image.new("RGB", (4, 4)).save(gif, "TIFF")  # an image, but not an accepted format
     r = client.post("/predict", files=[("files", ("a.tif", gif.getvalue(), "image/tiff"))])
     assert r.status_code == 422 and "PNG, JPEG" in r.json()["detail"]
+    b64 = base64.b64encode(png(pattern("star", 0))).decode()
+    for k in ("x", 0, 2.5):
+        r = client.post("/predict", json={"images": [b64], "k": k})
+        assert r.status_code == 422 and "k must be" in r.json()["detail"]
+    r = client.post("/predict", json={"images": ["not base64!"]})
+    assert r.status_code == 422 and "not valid base64" in r.json()["detail"]
     assert client.get("/openapi.json").json()["paths"]["/learn"]
     assert "<title>retain serve</title>" in client.get("/").text
 

@@ -20,14 +20,15 @@ def create_app(run_dir: str | Path | None = None, *, method: str | None = None,
                weights: str | None = None, image_size: int | None = None, seed: int = 1993,
                state: str | Path | None = None, token: str | None = None,
                token_all: bool = False, limits=None, device: str = "cpu",
-               batch_size: int = 32, learn_in: str = "process", nice: int = 10):
+               batch_size: int = 32, learn_in: str = "process", nice: int = 19):
     """A FastAPI app serving the last checkpoint of ``run_dir`` (or, with ``method`` and
     ``backbone``, a method that knows no class yet), learning in its ``state`` folder
     (default: RUN_DIR/serve, or runs/serve-<method>-<backbone>). An existing state folder is
     reopened at its latest complete version. ``token``: needed by learn, rollback and delete
     (by every endpoint with ``token_all``); None makes a random one, logged at start and kept
     in ``app.state.server.settings.token``. ``limits``: a ``retain.serve.images.Limits``.
-    ``learn_in``: "process" (default: a lower-priority process per job, ``nice``) or "thread".
+    ``learn_in``: "process" (default: a process per job at CPU priority ``nice``, 19 = only
+    the CPU time predictions leave) or "thread".
     """
     import logging
     import secrets

@@ -99,8 +99,10 @@ def create_fastapi(server: Server) -> FastAPI:
     @app.post("/predict", dependencies=readers, openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, k: int = 5):
         uploads, fields = await read_uploads(request, limits, labelled=False)
-        k = int(fields.get("k", k))
-        version, top = await run_in_threadpool(server.predict, uploads, k)
+        k = number(fields.get("k", k), "k")
+        if k != int(k) or k < 1:
+            raise ServeError(422, f"k must be a positive whole number, got {k}")
+        version, top = await run_in_threadpool(server.predict, uploads, int(k))
         return {"version": version, "predictions": [{"name": u.name, "top": t}
                                                     for u, t in zip(uploads, top, strict=True)]}
 

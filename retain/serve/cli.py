@@ -44,6 +44,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
     s.add_argument("--learn-in", choices=["process", "thread"], default="process",
                    help="learn jobs in a lower-priority process (default) or a thread")
+    s.add_argument("--learn-nice", type=int, default=19,
+                   help="CPU priority decrease of a learn process (default 19: it uses only "
+                        "the CPU time predictions leave)")
     from .images import Limits
 
     for f in fields(Limits):
@@ -129,7 +132,8 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(args.run_dir, method=args.method, backbone=args.backbone, params=params,
                      weights=args.weights, image_size=args.image_size, state=args.state,
                      token=args.token or os.environ.get(TOKEN_ENV), token_all=args.token_all,
-                     limits=limits, device=args.device, learn_in=args.learn_in)
+                     limits=limits, device=args.device, learn_in=args.learn_in,
+                     nice=args.learn_nice)
     import uvicorn
 
     print(f"serving {app.state.server.spec.method} on http://{args.host}:{args.port}/ "

@@ -68,6 +68,9 @@ def decode(data: bytes, limits: Limits, name: str = "image", label: str | None =
         raise too_large(name, len(data), "max_image_bytes", limits.max_image_bytes)
     try:
         im = Image.open(io.BytesIO(data), formats=list(FORMATS))
+    except Image.DecompressionBombError as e:  # Pillow's own guard, from the header
+        raise ServeError(413, f"{name}: {e} (limit max_image_pixels="
+                              f"{limits.max_image_pixels})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ServeError(422, f"{name} is not an image in an accepted format "
                               f"({', '.join(FORMATS)}): {type(e).__name__}") from None

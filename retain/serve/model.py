@@ -175,6 +175,11 @@ def run_spec(run_dir: str | Path, *, learning: bool = False) -> tuple[Spec, tupl
             raise ConfigError(f"{config['method']} keeps exemplars of its training split, so "
                               f"learning needs the run's dataset {config['dataset']!r}, which "
                               f"could not be loaded: {e}") from None
+        import logging
+
+        logging.getLogger("retain.serve").warning(
+            "the run's dataset %r could not be loaded to read its image format (%s); images "
+            "are fed as files (resize + centre crop)", config["dataset"], str(e)[:200])
     spec = Spec(config["method"], dict(config.get("params") or {}), config["backbone"],
                 config.get("weights"), config.get("image_size"), config.get("seed", 1993),
                 fmt, key, size, {"run_dir": str(run_dir.absolute()), "task": last["task"],

@@ -85,7 +85,7 @@ class Settings:
     device: str = "cpu"
     batch_size: int = 32
     learn_in: str = "process"  # process (lower priority, killed with the server) or thread
-    nice: int = 10  # CPU priority decrease of a learn process
+    nice: int = 19  # CPU priority decrease of a learn process (19: the lowest priority)
 
 
 class Server:
