@@ -1,9 +1,12 @@
 """Crash test of `retain serve`: kill -9 the server at random moments during learn jobs.
 
 One state folder, reused across trials (as a real deployment restarts into its folder). Each
-trial starts the server (default: learning in a separate process), posts a learn job of one new
-class, waits a random time drawn uniformly from [0, 1.2 x the duration of an uninterrupted job]
-(measured first), sends SIGKILL to the server, and checks that its learn process died with it.
+trial starts the server (learning in a separate process), posts a learn job of one new class,
+waits a random time drawn uniformly from [0, D], sends SIGKILL to the server, and checks that
+its learn process died with it. D is the median duration of the uninterrupted jobs seen so far
+(a first one measured alone, then every trial whose job ended before its kill), so the kills
+fall inside the jobs as the machine's load changes; whether the job was still running at the
+kill is recorded (polled just before it).
 After the restart it checks that
 
 - the server serves the highest version complete on disk (state + metadata, hash verified by
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import DEFAULT_RUN, ROOT, TOKEN, conditions, shape, start_server  # noqa: E402
@@ -130,12 +134,19 @@ def main() -> None:
         proc.wait(60)
         out["uninterrupted_job_seconds"] = round(duration, 2)
         print(f"an uninterrupted learn job takes {duration:.1f} s", flush=True)
+        durations = [duration]
         for trial in range(args.trials):
             proc, url = start_server(None, state, *nice)
             before = httpx.get(url + "/health").json()["version"]
-            delay = rng.uniform(0, 1.2 * duration)
+            delay = rng.uniform(0, float(np.median(durations)))
+            t0 = time.perf_counter()
             job = post_learn(url, f"class{trial}", ("ring", "bar", "cross", "box")[trial % 4])
-            time.sleep(delay)
+            running = True
+            while time.perf_counter() - t0 < delay:
+                if running and httpx.get(f"{url}/jobs/{job['job']}").json()["state"] == "done":
+                    running = False
+                    durations.append(time.perf_counter() - t0)
+                time.sleep(min(0.2, max(0.0, delay - (time.perf_counter() - t0))))
             workers = children(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -148,15 +159,18 @@ def main() -> None:
             proc.terminate()
             proc.wait(60)
             out["trials"].append({"trial": trial, "kill_after_s": round(delay, 2),
+                                  "job_running_at_kill": running,
                                   "before": before, "publishing": job["version"],
                                   "workers_at_kill": len(workers), **found})
-            print(f"trial {trial:2d}: killed after {delay:5.2f} s, serves {found['served']} "
+            print(f"trial {trial:2d}: killed after {delay:5.2f} s "
+                  f"({'during' if running else 'after'} the job), serves {found['served']} "
                   f"({'new' if found['published'] else 'previous'}), "
                   f"{'ok' if not found['problems'] else found['problems']}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     t = out["trials"]
     out["summary"] = {"trials": len(t), "ok": sum(not x["problems"] for x in t),
+                      "killed_during_job": sum(x["job_running_at_kill"] for x in t),
                       "served_new": sum(x["published"] for x in t),
                       "served_previous": sum(not x["published"] for x in t)}
     print(out["summary"])
