@@ -38,7 +38,9 @@ def create_app(run_dir: str | Path | None = None, *, method: str | None = None,
     from .server import Server, Settings
 
     if learn_in not in ("process", "thread"):
-        raise ValueError(f"learn_in must be 'process' or 'thread', not {learn_in!r}")
+        from ..errors import ConfigError
+
+        raise ConfigError(f"learn_in must be 'process' or 'thread', not {learn_in!r}")
     state = Path(state) if state else default_state(run_dir, method, backbone)
     settings = Settings(token=token, token_all=token_all, limits=limits or Limits(),
                         device=device, batch_size=batch_size, learn_in=learn_in, nice=nice)
