@@ -36,11 +36,12 @@ from .images import Upload
 # known classes), measured by benchmarks/serve_known_classes.py: after a task of known classes
 # only, their predictions change. The others are refused such a request (422): simplecil and
 # aper build a class's prototype once, from the task that brings it, and would silently ignore
-# the images; ease, esn, hide_prompt and slca refuse a task without new classes themselves.
+# the images, as would sprompts on that stream (its predictions did not change); ease, esn,
+# hide_prompt and slca refuse a task without new classes themselves.
 # A method added later is refused until it is measured and listed here.
 KNOWN_CLASS_METHODS = frozenset({
     "apg", "coda_prompt", "dap", "dualprompt", "dytox", "ewc", "finetune", "icarl", "joint",
-    "l2p", "lae", "layup", "lwf", "promptfusion", "proof", "ranpac", "replay", "sprompts",
+    "l2p", "lae", "layup", "lwf", "promptfusion", "proof", "ranpac", "replay",
     "supsup_gn", "zscl"})
 # Streams whose test images are transformed copies (a permutation, a rotation): a served model
 # would need the same transform on every image it is sent.
