@@ -23,3 +23,12 @@ class IntegrityError(RetainError, ValueError):
 
 class RunLockedError(RetainError):
     """A run folder (or other resource) that another live retain process holds."""
+
+
+class ServeError(RetainError):
+    """A request the model server refuses (bad upload, over a limit, wrong state), with the HTTP
+    status it answers (401, 404, 409, 413, 422, ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
