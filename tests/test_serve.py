@@ -34,6 +34,7 @@ from retain.runner import restore  # noqa: E402
 from retain.serve import create_app  # noqa: E402
 from retain.serve.images import Limits  # noqa: E402
 from retain.serve.store import VersionStore  # noqa: E402
+from retain.verify import load_results  # noqa: E402
 
 TOKEN = {"Authorization": "Bearer s3cret"}
 
@@ -88,7 +89,7 @@ def client(serve_run, tmp_path):
 def direct_logits(run_dir, images: np.ndarray) -> torch.Tensor:
     """The run's last checkpoint through the protocol alone (no serve code)."""
     method = create_method("simplecil", create_backbone("vit_tiny_random", image_size=16))
-    restore(method, run_dir, 1)
+    restore(method, run_dir, load_results(run_dir), 1)
     return method.predict(Split(images, np.zeros(len(images))), Context())
 
 

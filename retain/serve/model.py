@@ -30,6 +30,7 @@ from ..features import FeatureCache
 from ..io import read_json
 from ..methods import METHODS, Method, create_method
 from ..methods.base import FROZEN_BACKBONE, TASK_ID_AT_TEST, USES_MEMORY
+from ..verify import load_results
 from .images import Upload
 
 # Methods that learn from new images of classes they already know (a learn request may name
@@ -145,7 +146,7 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict]:
     if not (run_dir / "results.json").is_file() or not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} holds no results.json/config.json; pass a run folder "
                           f"written by `retain run` (or a state folder of `retain serve`)")
-    config, results = read_json(run_dir / "config.json"), read_json(run_dir / "results.json")
+    config, results = read_json(run_dir / "config.json"), load_results(run_dir)  # validated
     if not results.get("stages"):
         raise ConfigError(f"{run_dir} has no finished task yet; run `retain run` to the end of "
                           f"at least one task first")
@@ -192,8 +193,9 @@ def run_state(run_dir: str | Path, spec: Spec, pristine: Backbone) -> Method:
     """The method of a run folder as its last checkpoint left it (``runner.restore``)."""
     from ..runner import restore
 
+    run_dir = Path(run_dir)
     method = build(spec, pristine, None)
-    restore(method, Path(run_dir), spec.origin["task"])
+    restore(method, run_dir, load_results(run_dir), spec.origin["task"])  # hash-verified
     return method
 
 
