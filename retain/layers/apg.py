@@ -1,7 +1,7 @@
 """APG's pieces: the Adaptive Prompt Generator, its per-class extra tokens, the proxy classifier,
-the attention loss, the centre library and the warm-up + cosine schedule (Tang et al., "When
-Prompt-based Incremental Learning Does Not Meet Strong Pretraining", ICCV 2023; official code
-TOM-tym/APG).
+the attention loss and the centre library (Tang et al., "When Prompt-based Incremental Learning
+Does Not Meet Strong Pretraining", ICCV 2023; official code TOM-tym/APG). Its warm-up + cosine
+schedule is ``retain.layers.schedules.warmup_cosine``.
 
 Generator (``inclearn/backbones/Self_Prompts.py``: ``AdaptivePromptGenerator``, ``MyAttention``,
 ``Mlp``, ``ExtraTokens``). For a query token x (B, D) — the class token after the ViT's
@@ -241,24 +241,3 @@ class CenterLibrary:
         self.query.load(state, "lib.query.")
         self.feature.load(state, "lib.feature.")
         self.prompts = state["lib.prompts"].float()
-
-
-# ----------------------------------------------------------------------------------- schedule
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, *,
-                  warmup_epochs: int, warmup_lr: float, min_lr: float
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
-    """timm's per-epoch ``CosineLRScheduler`` (no warm-up prefix), stepped every batch: epoch
-    e < W runs at warmup_lr + e·(lr − warmup_lr)/W, later ones at
-    min_lr + ½(lr − min_lr)(1 + cos(π e / E)); each group scales by its own base rate."""
-    base = optimizer.param_groups[0]["lr"]
-
-    def factor(step: int) -> float:
-        e = step // max(1, steps_per_epoch)
-        if e < warmup_epochs:
-            lr = warmup_lr + e * (base - warmup_lr) / warmup_epochs
-        else:
-            lr = min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * e / max(1, epochs)))
-        return lr / base
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

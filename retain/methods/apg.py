@@ -19,10 +19,9 @@ a proxy head (K = 10 proxies per class). The trunk runs once per image (a pre-ho
    library: c̃ ~ N(μ_c, Σ_c) of an old class's intermediate class tokens, f̃ ~ N(μ'_c, Σ'_c) of its
    prompted features, p̄_c the mean prompt of its training images).
 3. Centre library: Gaussians (full covariance + ε·I) of x_L and f, and p̄, for the new classes
-   (training images, test transform; ``build_center_library``). ``build_center_lib_loader``
-   adds 1e-5·I on CIFAR-100 and ImageNet-R (``cov_eps``, ``cov_reg: identity``, the default) and
-   1e-6 to every entry elsewhere (``cov_eps: 1e-6, cov_reg: all_entries``: it needs more images
-   per class than feature dimensions, as its satellite sets have).
+   (training images, test transform; ``build_center_library``); ε = 1e-5 on CIFAR-100/ImageNet-R
+   (the default), else 1e-6 on every entry (``cov_eps: 1e-6, cov_reg: all_entries``; that needs
+   more images per class than dimensions) as ``build_center_lib_loader``.
 4. t ≥ 1 (``finetune_task: [1..10]``): finetune generator + head for 20 + 5·t epochs on library
    draws of every seen class: L = L1(G(c̃), p̄_c) + CE(head(f̃), c), generator in eval mode; then the
    new classes' statistics are recomputed (old classes' never are).
@@ -55,9 +54,10 @@ from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
+from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss
 from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
+from ..layers.schedules import warmup_cosine
 from ..params import Interval
 from ..scenarios.base import Task
 from ..training import fit
