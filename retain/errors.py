@@ -15,3 +15,7 @@ class DataError(RetainError, FileNotFoundError):
 
 class WeightsError(RetainError, FileNotFoundError):
     """Backbone weights that cannot be obtained (offline, wrong file, wrong format)."""
+
+
+class StateError(RetainError, ValueError):
+    """A saved state (checkpoint) that cannot be loaded as it is in this installation."""

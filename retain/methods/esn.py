@@ -120,7 +120,7 @@ class ESN(Method):
         heads = self._trunk().blocks[0].attn.num_heads
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-            block = TaskAttentionBlock(dim, heads, self.mlp_ratio, qkv_bias=True, eps=1e-5)
+            block = TaskAttentionBlock(dim, heads, self.mlp_ratio, qkv_bias=True)
             head = nn.Linear(dim, num_classes)
         token = self._trunk().cls_token.detach().clone()  # (1, 1, D), ESN copies the class token
         return _Stage(block, nn.Parameter(token), head)
