@@ -114,10 +114,11 @@ class APG(Method):
         self.center_samples = center_samples  # library draws per step (128 × center_lib_n 4)
         self.finetune_epochs = finetune_epochs
         self.finetune_epochs_per_task = finetune_epochs_per_task  # scale_finetune_epochs
-        self.finetune_lr = finetune_lr
-        self.finetune_warmup_lr = finetune_warmup_lr
-        self.finetune_min_lr = finetune_min_lr
-        self.cov_eps, self.cov_reg = cov_eps, cov_reg  # Σ + ε·I, or Σ + ε·11ᵀ
+        self.finetune_lr = finetune_lr  # fine-tuning learning rate
+        self.finetune_warmup_lr = finetune_warmup_lr  # fine-tuning rate at the start of its warm-up
+        self.finetune_min_lr = finetune_min_lr  # floor of the fine-tuning schedule
+        self.cov_eps = cov_eps
+        self.cov_reg = cov_reg  # identity: Σ + ε·I (cifar100, imagenetr); all_entries: Σ + ε·11ᵀ
         self.augment = augment
         self.net_: _APGNet | None = None
         self.library_: CenterLibrary | None = None

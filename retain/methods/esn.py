@@ -76,10 +76,10 @@ class ESN(Method):
                  prompt_training: Literal["first_task", "every_task"] = "first_task",
                  augment: bool = True):
         super().__init__(backbone)
-        self.prompt_tokens = prompt_tokens
-        self.prompt_training = prompt_training  # every_task: the released code's behaviour
+        self.prompt_tokens = prompt_tokens  # shared prompt tokens, trained on task 0 then frozen
         self.epochs = epochs
         self.lr = lr
+        self.prompt_training = prompt_training  # every_task: the released code's behaviour
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.momentum = momentum

@@ -74,18 +74,18 @@ class LayUP(Method):
                  crop_scale: tuple[float, float] = (0.7, 1.0), color_jitter: float = 0.1,
                  folds: int = 4):
         super().__init__(backbone)
-        self.layers = layers
+        self.layers = layers  # k: class tokens of the last k blocks form the feature
         self.peft = peft
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.fsa_recipe = fsa_recipe  # official: AdamW, σ = 30 fixed, cosine per epoch
-        self.momentum = momentum  # fsa_recipe sgd only
-        self.augment = augment
         self.crop_scale = crop_scale  # RandomResizedCrop area fraction (official 0.7-1)
         self.color_jitter = color_jitter  # ColorJitter b = c = s = h (official 0.1)
-        self.folds = folds
+        self.momentum = momentum  # fsa_recipe sgd only
+        self.augment = augment
+        self.folds = folds  # cross-validation folds of the ridge lambda
         self.body_: Backbone | None = None  # multi-layer view of the (adapted) network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None
