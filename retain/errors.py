@@ -9,6 +9,10 @@ class ConfigError(RetainError, ValueError):
     """An unknown, ill-typed or conflicting configuration key or hyper-parameter."""
 
 
+class StateError(RetainError, ValueError):
+    """A saved state (checkpoint) that cannot be loaded as it is in this installation."""
+
+
 class DataError(RetainError, FileNotFoundError):
     """A dataset that is missing, malformed or not where it was looked for."""
 

@@ -107,3 +107,62 @@ class Augment:
                 return top, left, h, w
         side = min(height, width)  # fall back to a central square crop
         return (height - side) // 2, (width - side) // 2, side, side
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision's ``ColorJitter(b, c, s, h)`` with b = c = s = h = ``strength`` on a batch
+    normalised by ``mean``/``std`` (taken back to [0, 1] pixels, jittered, normalised again): per
+    image, in a random order, brightness x·f, contrast f·x + (1−f)·mean(gray(x)), saturation
+    f·x + (1−f)·gray(x) with f ~ U(1−s, 1+s), clamped to [0, 1], and a hue shift by U(−h, h) of a
+    turn (LayUP's ``src/data/aug.py``: 0.1 each). One-channel batches get brightness and contrast
+    only. Seeded by the caller."""
+
+    strength: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        c = x.shape[1]
+        mean = torch.tensor(self.mean[:c], device=x.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std[:c], device=x.device).view(1, c, 1, 1)
+        pixels = x * std + mean  # (B, C, S, S) in [0, 1]
+        out = torch.stack([self._one(p, generator) for p in pixels])
+        return (out - mean) / std
+
+    def _one(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        order = torch.randperm(4, generator=g).tolist()  # as ColorJitter.get_params
+        s = self.strength
+        f = [float(torch.empty(1).uniform_(1 - s, 1 + s, generator=g)) for _ in range(3)]
+        hue = float(torch.empty(1).uniform_(-s, s, generator=g))
+        for op in order:
+            if op == 0:
+                img = (img * f[0]).clamp(0, 1)
+            elif op == 1:
+                img = (f[1] * img + (1 - f[1]) * _gray(img).mean()).clamp(0, 1)
+            elif op == 2 and img.shape[0] == 3:
+                img = (f[2] * img + (1 - f[2]) * _gray(img)).clamp(0, 1)
+            elif op == 3 and img.shape[0] == 3:
+                img = _shift_hue(img, hue)
+        return img
+
+
+def _gray(img: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) -> (1, H, W) luma, ITU-R 601 weights (a one-channel image is its own)."""
+    if img.shape[0] == 1:
+        return img
+    return (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).unsqueeze(0)
+
+
+def _shift_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
+    """RGB (3, H, W) in [0, 1] with its HSV hue rotated by ``shift`` turns."""
+    top, arg = img.max(0)  # (H, W) value and the channel that holds it
+    delta = top - img.min(0).values  # (H, W) chroma
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = img
+    h = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4])  # (3, H, W)
+    h = torch.where(delta > 0, h.gather(0, arg[None])[0], torch.zeros_like(top)) / 6
+    sat = torch.where(top > 0, delta / torch.where(top > 0, top, torch.ones_like(top)), top * 0)
+    h = (h + shift) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], device=img.device).view(3, 1, 1) + h * 6) % 6
+    return top - top * sat * (torch.minimum(k, 4 - k).clamp(0, 1))  # (3, H, W) back to RGB

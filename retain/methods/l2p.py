@@ -12,7 +12,11 @@ scores it. Training minimises
     L = CE(z̃, y) − λ · (1/B) Σ_b Σ_{i∈sel(b)} cos(q_b, k_i)
 
 where z̃ keeps only the current task's logits (old and future classes are set to −∞), with
-Adam at a constant rate, re-created each task, and gradient clipping at 1.0.
+Adam at a constant rate, re-created each task, and gradient clipping at 1.0 (L2P-pytorch's
+``--clip-grad``; PILOT's ``models/l2p.py`` does not clip). Predictions score the classes seen so
+far; L2P-pytorch's ``engine.py::evaluate`` scores a class-incremental test image over every head
+row, the untrained rows of future classes included (no class mask), so its intermediate-stage
+accuracies differ from these (not the last stage's, when every row is trained).
 
 The query is the cached frozen feature whenever the image is not augmented (every test image,
 and training without augmentation), so a test image costs one prompted pass plus a cached

@@ -30,12 +30,11 @@ picks its own domain.
 Deviations: K-means is retain's seeded k-means (``retain.layers.kmeans``: k-means++, 10
 restarts, as sklearn's KMeans with ``random_state=0`` but not bit-identical) on features of the
 un-augmented training images (the reference clusters the augmented training loader). The cosine
-schedule decays per step, not per epoch. The official ``SliNet.forward`` scores training batches
-with ``classifier_pool[-1]`` while only ``classifier_pool[numtask-1]`` has gradients (so on
-DomainNet the text contexts of all but the last domain never train); here domain s trains and
-uses ctx_s, as the paper describes. On a class-incremental stream the classifier of domain s
-covers the classes seen up to task s; classes it never saw get logit −inf. CORe50 and CDDB (the
-other benchmarks of the paper) are not available in retain.
+schedule decays per step, not per epoch. Domain s trains and uses ctx_s, as the official
+``SliNet.forward`` at the cited commit (``classifier_pool[self.numtask-1]``; the
+``classifier_pool[-1]`` of earlier versions was fixed in cdca371). On a class-incremental stream
+the classifier of domain s covers the classes seen up to task s; classes it never saw get logit
+−inf. CORe50 and CDDB (the other benchmarks of the paper) are not available in retain.
 """
 
 from __future__ import annotations
