@@ -1,4 +1,4 @@
-"""The ``retain`` command: run, list, show."""
+"""The ``retain`` command: run, list, show (and sweep, report, reproduce from retain.sweep)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "datasets", "backbones", "presets"])
     sh = sub.add_parser("show", help="print the tables of a run folder again")
     sh.add_argument("run_dir")
+    from .sweep.cli import add_parsers  # sweep, report, reproduce (light: imports on use)
+
+    add_parsers(sub)
     return p
 
 
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(listing(args.what))
         elif args.command == "show":
             show(Path(args.run_dir))
+        elif hasattr(args, "handler"):
+            args.handler(args)
         else:
             run_command(args)
     except RetainError as e:
