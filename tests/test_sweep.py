@@ -174,6 +174,24 @@ def test_report_reads_results_with_nan_or_null(reference, tmp_path):
         assert float(row["last_accuracy_mean_pct"]) == pytest.approx(want, abs=1e-4)
 
 
+def test_report_puts_the_published_number_beside_a_matching_setting(reference, tmp_path):
+    root, _ = reference
+    res = json.loads((root / "ref" / "runs" / RUNS[0] / "results.json").read_text())
+    res["config"] |= {"dataset": "cifar100", "scenario": "B0Inc5"}  # as if run on CIFAR
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(res))
+    assert main(["report", str(tmp_path)]) == 0
+    row = next(csv.DictReader((tmp_path / "results.csv").open()))
+    assert float(row["published_last_accuracy_pct"]) == 81.26  # EASE Table 1, SimpleCIL
+    assert float(row["published_avg_incremental_accuracy_pct"]) == 87.57
+    ours = res["summary"]["last_accuracy"] * 100
+    assert float(row["difference_last_accuracy_pct"]) == pytest.approx(ours - 81.26, abs=1e-4)
+    assert row["protocol_flags"] == "other backbone (published: " \
+        "vit_base_patch16_224.augreg_in21k)"
+    md = (tmp_path / "report.md").read_text()
+    assert "81.26 [1]" in md and "⚠ other backbone" in md and "1. Zhou et al., Expandable" in md
+
+
 # ----------------------------------------------------------------------------------- grid
 
 

@@ -25,6 +25,7 @@ from .status import ERROR_FILE, SWEEP_FILE, run_state, write_strict_json
 from .tasks import execute_run, failure, warm_cache
 
 WARM_FILE = "warmup.json"
+LOCAL_OBJECT_STORE = 256 * 2**20  # bytes; tasks exchange configs and short records only
 
 
 def run_sweep(points: list[Point], sweep_dir: str | Path, *, address: str | None = None,
@@ -128,7 +129,8 @@ def ray_session(address: str | None, num_cpus: int | None):
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or os.environ["RAY_ADDRESS"], **quiet)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE, **quiet)
         started = True
     try:
         yield ray

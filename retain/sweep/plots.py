@@ -46,23 +46,30 @@ def curves(rows: list[dict], title: str) -> bytes:
 def bars(rows: list[dict]) -> bytes:
     """A_B mean ± std per setting (horizontal bars) with the published A_B beside it."""
     rows = [r for r in rows if r["last_accuracy"][0] is not None]
-    fig = _figure(7.0, 1.2 + 0.32 * max(len(rows), 1))
+    pub = [r["published"].get("last_accuracy") for r in rows]
+    shift = 0.2 if any(pub) else 0.0
+    fig = _figure(7.0, 1.6 + 0.32 * max(len(rows), 1))
     ax = fig.add_subplot()
     names = [f"{r['label']} · {r['dataset']} {r['scenario']} · {r['backbone']}" for r in rows]
     y = list(range(len(rows)))
     ours = [100 * r["last_accuracy"][0] for r in rows]
     err = [100 * (r["last_accuracy"][1] or 0) for r in rows]
-    ax.barh([v + 0.2 for v in y], ours, height=0.4, xerr=err, capsize=2, label="this sweep",
-            color="#3b75af")
-    pub = [r["published"].get("last_accuracy") for r in rows]
-    ax.barh([v - 0.2 for v in y], [100 * p["value"] if p else 0 for p in pub], height=0.4,
-            label="published", color="#e08a3c", hatch="//")
-    for v, p in zip(y, pub, strict=True):
-        if not p:
-            ax.text(1, v - 0.2, "no published number", va="center", fontsize=6, color="#555")
+    ax.barh([v + shift for v in y], ours, height=0.8 - 2 * shift, xerr=err, capsize=2,
+            label="this sweep (mean ± std)", color="#3b75af")
+    if any(pub):
+        ax.barh([v - shift for v in y], [100 * p["value"] if p else 0 for p in pub],
+                height=0.4, label="published", color="#e08a3c", hatch="//")
+        for v, p in zip(y, pub, strict=True):
+            if not p:
+                ax.text(1, v - shift, "no published number", va="center", fontsize=6,
+                        color="#555")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2,
+                  frameon=False)
+    else:
+        ax.set_title("A_B, mean ± std over seeds (no published number for these settings)",
+                     fontsize=8)
     ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="A_B: accuracy on all classes after the last task (%)", xlim=(0, 100))
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
     return _png(fig)

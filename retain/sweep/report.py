@@ -91,8 +91,10 @@ def safe(name: str) -> str:
 def document(plan: dict, records, rows: list[dict], figures: dict, sweep_dir: Path) -> list:
     states = [r.state for r in records]
     skipped = plan.get("skipped") or {}
-    title = f"Sweep report: {plan.get('description') or sweep_dir.name}"
-    blocks: list = [("h1", title), ("p", (
+    blocks: list = [("h1", f"Sweep report: {sweep_dir.name}")]
+    if plan.get("description"):
+        blocks.append(("p", plan["description"]))
+    blocks += [("p", (
         f"{len(records)} runs: {states.count('done')} finished, {states.count('failed')} "
         f"failed, {states.count('partial') + states.count('pending')} unfinished"
         + (f", {len(skipped)} skipped (data or weights not available)" if skipped else "")
@@ -102,9 +104,11 @@ def document(plan: dict, records, rows: list[dict], figures: dict, sweep_dir: Pa
     blocks.append(("p", "Ā: mean accuracy over the stages; A_B: accuracy on all classes after "
                    "the last task; forgetting: Chaudhry et al. 2018; learn/eval: seconds per "
                    "run; passes/img: frozen-backbone passes the run made itself per image of "
-                   "its dataset (0: all from the shared cache); Δ: this sweep minus published "
-                   "(percentage points); protocol: where this setting differs from the "
-                   "published one."))
+                   "its dataset (0: all from the shared cache)"
+                   + ("; Δ: this sweep minus published (percentage points); protocol: where "
+                      "this setting differs from the published one." if sources else
+                      ". The published table (retain/sweep/published.yaml) has no number for "
+                      "these method, dataset and scenario settings.")))
     blocks += problem_blocks(records, skipped)
     blocks += cache_blocks(sweep_dir, records)
     blocks += environment_blocks(records)
@@ -137,9 +141,11 @@ def published_cell(row: dict, metric: str, sources: dict) -> str:
 
 
 def results_table(rows: list[dict], sources: dict) -> tuple:
+    """The main table; the published columns only when some setting has a published number."""
     header = ["method", "dataset", "scenario", "backbone", "seeds", "Ā (%)", "A_B (%)",
               "forgetting (%)", "learn (s)", "eval (s)", "passes/img", "trainable",
               "published Ā", "published A_B", "Δ A_B", "protocol"]
+    width = len(header) if sources else len(header) - 4
     body = []
     for r in rows:
         diff = (r["published"].get("last_accuracy") or {}).get("difference")
@@ -153,8 +159,8 @@ def results_table(rows: list[dict], sources: dict) -> tuple:
                      published_cell(r, "avg_incremental_accuracy", sources),
                      published_cell(r, "last_accuracy", sources),
                      f"{100 * diff:+.2f}" if finite(diff) else "–",
-                     "; ".join(f"⚠ {f}" for f in r.get("flags", []))])
-    return ("table", header, body)
+                     "; ".join(f"⚠ {f}" for f in r.get("flags", []))][:width])
+    return ("table", header[:width], body)
 
 
 def backbone_text(r: dict) -> str:
