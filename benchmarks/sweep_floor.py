@@ -11,7 +11,7 @@ Every image that enters the backbone is counted by a global forward hook install
 worker (``worker_process_setup_hook``), independently of the cache's own counter. The floor is
 1 pass per image over the whole sweep with the shared cache, against 12 (one per run) without.
 
-    python benchmarks/sweep_floor.py [--dataset mnist5k] [--image-size 32] [--num-cpus 2]
+    python benchmarks/sweep_floor.py [--dataset digits] [--image-size 32] [--num-cpus 2]
 
 Writes benchmarks/results/sweep_floor.json. Wall times on a shared 2-core machine are inflated
 by the other processes; the pass counts are exact.
@@ -87,7 +87,7 @@ def one_sweep(tag: str, args, work: Path, sets: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--dataset", default="digits")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-cpus", type=int, default=2)
     args = p.parse_args()

@@ -1,7 +1,7 @@
 """Ray overhead: a sweep's wall time against the same runs run one after another.
 
-The grid (MNIST-5k B0Inc2, EfficientNet-Lite0 at 32 px; SimpleCIL, RanPAC without first-session
-adaptation, finetune for one epoch; seeds 1993 and 1994) runs
+The grid (digits B0Inc2 by default, EfficientNet-Lite0 at 32 px; SimpleCIL, RanPAC without
+first-session adaptation, finetune for one epoch; seeds 1993 and 1994) runs
 
 * as one ``retain sweep --num-cpus 2 --max-concurrent 2`` command (Ray start-up, cache warm-up
   and report included), and
@@ -11,7 +11,7 @@ each with a fresh feature cache (the sequential runs share theirs on disk, as a 
 The ratio sweep / sequential is the figure; below 1 means the sweep pays for Ray and still wins
 by running two runs at once.
 
-    python benchmarks/sweep_overhead.py
+    python benchmarks/sweep_overhead.py [--dataset digits]
 
 Writes benchmarks/results/sweep_overhead.json. Measured on a 2-core machine shared with other
 work, so both times are inflated; they were measured back to back.
@@ -19,6 +19,7 @@ work, so both times are inflated; they were measured back to back.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-SPEC = {"description": "Ray overhead grid", "datasets": ["mnist5k"], "scenarios": ["B0Inc2"],
+SPEC = {"description": "Ray overhead grid", "datasets": ["digits"], "scenarios": ["B0Inc2"],
         "backbones": ["efficientnet_lite0"], "seeds": [1993, 1994],
         "config": {"image_size": 32},
         "methods": ["simplecil",
@@ -48,6 +49,10 @@ def timed(cmd: list[str]) -> float:
 
 def main() -> None:
     from retain.sweep.grid import expand
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="digits")
+    SPEC["datasets"] = [p.parse_args().dataset]
 
     work = Path(tempfile.mkdtemp(prefix="sweep_overhead_"))
     retain = [sys.executable, "-m", "retain.cli"]
@@ -67,8 +72,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seq = sum(r["seconds"] for r in runs)
-    out = {"setting": "6 runs (3 methods x 2 seeds), MNIST-5k B0Inc2, efficientnet_lite0 at "
-                      f"32 px, {os.cpu_count()} CPUs", "sweep_wall_seconds": sweep,
+    out = {"setting": f"6 runs (3 methods x 2 seeds), {SPEC['datasets'][0]} B0Inc2, "
+                      f"efficientnet_lite0 at 32 px, {os.cpu_count()} CPUs",
+           "sweep_wall_seconds": sweep,
            "sequential_seconds": seq, "ratio_sweep_over_sequential": sweep / seq,
            "sequential_runs": runs}
     print(json.dumps(out, indent=2))

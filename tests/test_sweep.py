@@ -96,6 +96,7 @@ def test_killed_driver_then_the_same_command_gives_the_uninterrupted_results(ref
         os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
         proc.wait()
         assert sum(n == 5 for n in stages.values()) < 4, "the sweep ended before the kill"
+        stages = settled(victim / "runs")  # a left-over worker may finish its task first
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
@@ -118,21 +119,47 @@ def test_killed_driver_then_the_same_command_gives_the_uninterrupted_results(ref
     assert (victim / "runs" / FAILING / "error.json").is_file()
 
 
+def stage_counts(runs: Path) -> dict[str, int]:
+    stages = {}
+    for res in runs.glob("*/results.json"):
+        try:
+            stages[res.parent.name] = len(json.loads(res.read_text())["stages"])
+        except (OSError, ValueError):
+            continue
+    return stages
+
+
 def wait_for_progress(runs: Path, proc, timeout: float = 300) -> dict[str, int]:
     """Poll until one run is finished and another has begun (or the driver exits)."""
     deadline = time.time() + timeout
     stages: dict[str, int] = {}
     while time.time() < deadline and proc.poll() is None:
-        stages = {}
-        for res in runs.glob("*/results.json"):
-            try:
-                stages[res.parent.name] = len(json.loads(res.read_text())["stages"])
-            except (OSError, ValueError):
-                continue
+        stages = stage_counts(runs)
         if any(n == 5 for n in stages.values()) and any(0 < n < 5 for n in stages.values()):
             break
         time.sleep(0.05)
     return stages
+
+
+def settled(runs: Path, timeout: float = 180) -> dict[str, int]:
+    """The stages on disk once no worker of the killed driver holds a run folder's lock (Ray
+    ends a dead driver's workers after a delay; one may still finish its current task)."""
+    import fcntl
+
+    from retain.sweep.tasks import LOCK_FILE
+
+    deadline = time.time() + timeout
+    for lock in runs.glob(f"*/{LOCK_FILE}"):
+        with open(lock, "a") as f:
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    assert time.time() < deadline, f"{lock} still held"
+                    time.sleep(0.1)
+    return stage_counts(runs)
 
 
 # --------------------------------------------------------------------------------- report

@@ -199,7 +199,7 @@ def environments(records: list[RunRecord]) -> dict[str, Any]:
         if not r.results:
             continue
         e = r.results.get("environment") or {}
-        key = tuple(str(e.get(k, "?")) for k in ENV_FIELDS)
+        key = tuple(str(e.get(k) or "–") for k in ENV_FIELDS)
         envs[key] = envs.get(key, 0) + 1
         b = r.results.get("backbone") or {}
         weights.setdefault(b.get("name", "?"), set()).add(b.get("sha256", "?"))
