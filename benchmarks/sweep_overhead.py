@@ -41,7 +41,10 @@ SPEC = {"description": "Ray overhead grid", "datasets": ["digits"], "scenarios":
 
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    # Ray raises its workers' niceness by default; 0 here, like the sequential runs, so that on a
+    # shared machine both sides compete equally with the other processes
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "RAY_worker_niceness": "0"})
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - t0
