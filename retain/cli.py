@@ -34,6 +34,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "retain.commands.predict",
      "classify images with a run folder's model (offline)"),
     ("serve", "retain.commands.serve", "serve a model over HTTP: predict, learn, versions"),
+    ("sweep", "retain.commands.sweep",
+     "run a grid of runs on Ray (resumable) and write its report"),
+    ("report", "retain.commands.report", "report.md, report.html and results.csv of a sweep"),
+    ("reproduce", "retain.commands.reproduce",
+     "run a shipped reproduction sweep (retain reproduce --list)"),
 ]
 
 

@@ -187,13 +187,50 @@ def new_results(r: Run) -> dict:
             "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,
             **({"task_free_segment": r.scenario.segment} if isinstance(r.scenario, TaskFree)
                else {}),
-            "environment": environment(r.ctx.device),
+            "environment": environment(r.ctx.device, r.scenario.bundle),
             "stages": []}
 
 
-def environment(device: torch.device) -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "device": str(device)}
+def environment(device: torch.device, bundle=None) -> dict:
+    """The fingerprint that explains most reproduction differences: versions, device, the
+    retain commit and, given the run's ``bundle``, the dataset's content keys and sizes (the
+    weights' sha256 is in ``results["backbone"]``)."""
+    import importlib.metadata
+    import os
+    import subprocess
+
+    import timm
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__,
+           "timm": timm.__version__, "numpy": np.__version__, "platform": platform.platform(),
+           "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    try:
+        env["retain"] = importlib.metadata.version("retain")
+    except importlib.metadata.PackageNotFoundError:
+        env["retain"] = None
+    try:
+        env["retain_commit"] = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["retain_commit"] = None
+    if bundle is not None:
+        env["dataset_key"] = {"train": bundle.train.key, "test": bundle.test.key}
+        env["dataset_size"] = {"train": len(bundle.train), "test": len(bundle.test)}
+    return env
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def save_stage(r: Run, results: dict, stage: dict, state: dict[str, torch.Tensor],
