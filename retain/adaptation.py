@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,7 @@ from .backbones import Backbone, sha256_state
 from .context import Context
 from .datasets.base import Split
 from .layers.heads import CosineHead
-from .training import fit
+from .training import ScheduleUnit, fit, image_inputs
 from .transforms import Augment
 
 Peft = Literal["finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
@@ -47,10 +46,13 @@ def adapted_backbone(base: Backbone, model: nn.Module, peft: str) -> Backbone:
 def adapt_first_session(base: Backbone, train: Split, classes: tuple[int, ...], ctx: Context, *,
                         peft: Peft, epochs: int, lr: float, batch_size: int, weight_decay: float,
                         momentum: float = 0.9, augment: bool = True,
+                        schedule_unit: ScheduleUnit = "epoch",
                         generator: torch.Generator, options: dict | None = None
                         ) -> tuple[Backbone, nn.Module]:
     """Tune a copy of ``base.model`` on ``train`` (labels ``classes``) with a cosine head and
-    cross-entropy; returns the frozen adapted backbone and the trained module (its state)."""
+    cross-entropy, SGD with a cosine schedule stepped per ``schedule_unit`` (the official APER,
+    RanPAC and LayUP codes: per epoch); returns the frozen adapted backbone and the trained
+    module (its state)."""
     model = copy.deepcopy(base.model)
     model.requires_grad_(False)
     tuned = attach(model, peft, **(options or {}))
@@ -58,16 +60,12 @@ def adapt_first_session(base: Backbone, train: Split, classes: tuple[int, ...], 
     head = CosineHead(base.feature_dim, len(classes))
     nn.init.normal_(head.weight, std=0.02, generator=generator)
     offset = torch.tensor(min(classes))
-    aug = Augment() if augment else None
-
-    def inputs(pos: np.ndarray) -> torch.Tensor:
-        x = base.preprocess(train, pos)  # (B, 3, S, S)
-        return aug(x, generator) if aug is not None else x
-
+    inputs = image_inputs(base, train, augment=Augment() if augment else None,
+                          generator=generator)  # (B, 3, S, S)
     targets = torch.from_numpy(train.targets) - offset
     fit(nn.Sequential(model, head), inputs, targets, ctx, epochs=epochs, lr=lr,
         batch_size=batch_size, weight_decay=weight_decay, momentum=momentum,
-        generator=generator, desc=f"adapt ({peft})")
+        generator=generator, schedule_unit=schedule_unit, desc=f"adapt ({peft})")
     return adapted_backbone(base, model, peft), tuned
 
 
@@ -83,15 +81,15 @@ def restore_adapted(base: Backbone, peft: Peft, state: dict[str, torch.Tensor],
 def adapt_for(method, task, ctx: Context, options: dict | None = None
               ) -> tuple[Backbone, nn.Module | None]:
     """First-session adaptation with a method's own hyper-parameters (``peft``, ``epochs``,
-    ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``augment``); the pre-trained
-    backbone and no trained module when ``peft`` is 'none' or ``epochs`` is 0."""
+    ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``augment``, ``schedule_unit``); the
+    pre-trained backbone and no trained module when ``peft`` is 'none' or ``epochs`` is 0."""
     if method.peft == "none" or method.epochs == 0:
         return method.backbone, None
     return adapt_first_session(
         method.backbone, task.train, task.classes, ctx, peft=method.peft, epochs=method.epochs,
         lr=method.lr, batch_size=method.batch_size, weight_decay=method.weight_decay,
-        momentum=method.momentum, augment=method.augment, generator=ctx.generator(0, 9),
-        options=options)
+        momentum=method.momentum, augment=method.augment,
+        schedule_unit=method.schedule_unit, generator=ctx.generator(0, 9), options=options)
 
 
 def tuned_state(tuned: nn.Module | None) -> dict[str, torch.Tensor]:

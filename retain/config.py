@@ -4,7 +4,9 @@ Precedence: defaults < ``--preset NAME`` < ``--config file.yaml`` < explicit com
 < ``--set key=value``. Presets are YAML files shipped in ``retain/presets/`` that reproduce a
 published configuration (method, hyper-parameters, dataset, scenario, backbone).
 Method hyper-parameters live under ``params`` (``--set params.lr=0.01``) and are validated
-against the method's signature when the run starts.
+against the method's signature when the run starts. ``preprocess`` overrides the backbone's
+declared image transform (``--set preprocess.crop_pct=1.0``; keys mean, std, crop_pct,
+interpolation; see ``retain.transforms``), e.g. to match a reference implementation's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class RunConfig:
     backbone: str = "efficientnet_lite0"  # a name from `retain list backbones`
     weights: str | None = None  # local weights file instead of the backbone's default source
     image_size: int | None = None  # input resolution; None: the backbone's own
+    preprocess: dict[str, Any] = field(default_factory=dict)  # transform overrides (mean, ...)
     seed: int = 1993  # class order and every random draw
     out: str | None = None  # run folder; None: runs/<method>-<dataset>-<scenario>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -83,14 +86,20 @@ def make_config(file: str | Path | None = None, flags: dict[str, Any] | None = N
     values = merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
     for item in sets or []:
         apply_set(values, item)
-    return RunConfig(**P.validate(RunConfig, values, what="config"))
+    config = RunConfig(**P.validate(RunConfig, values, what="config"))
+    from .transforms import overrides  # imports torch: only when a run is configured
+
+    checked = overrides(config.preprocess)  # lists, not tuples: the config round-trips JSON
+    config.preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in checked.items()}
+    return config
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``; method ``params`` are merged key by key."""
+    """``top`` over ``base``; method ``params`` and ``preprocess`` are merged key by key."""
     out = base | top
-    if isinstance(base.get("params"), dict) and isinstance(top.get("params"), dict):
-        out["params"] = base["params"] | top["params"]
+    for key in ("params", "preprocess"):
+        if isinstance(base.get(key), dict) and isinstance(top.get(key), dict):
+            out[key] = base[key] | top[key]
     return out
 
 
@@ -105,13 +114,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_set(values: dict[str, Any], item: str) -> None:
-    """'key=value' or 'params.key=value' into ``values`` (values parsed later, by type)."""
+    """'key=value', 'params.key=value' or 'preprocess.key=value' into ``values`` (values parsed
+    later, by type)."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, value = item.split("=", 1)
     key = key.strip()
     if key.startswith("params."):
         values["params"] = dict(values.get("params") or {}) | {key[7:]: value}
+        return
+    if key.startswith("preprocess."):
+        parsed = yaml.safe_load(value) if value.strip() else value  # '[0, 0, 0]', '1.0'
+        values["preprocess"] = dict(values.get("preprocess") or {}) | {key[11:]: parsed}
         return
     valid = [f.name for f in fields(RunConfig)]
     if key not in valid:

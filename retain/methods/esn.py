@@ -23,10 +23,11 @@ Cost: the prompts are frozen after task 0, so one trunk pass serves every stage 
 ``eval`` computes one pass per evaluation too, with the last stage's prompt); training tasks
 t > 0 runs the trunk without gradients. Predictions are per sample; no task id at test.
 Differences: the class-attention block is initialised as DyTox's (trunc-normal 0.02) instead of
-PyTorch's default; the learning rate follows a cosine per step (the code: per epoch); the
-optional MSE distillation to a previous prompt is not implemented (it is inactive when the
-prompt is frozen, the official setting); class-incremental only (the official ``dil`` mode
-folds labels modulo the class count).
+PyTorch's default; the optional MSE distillation to a previous prompt is not implemented (it
+is inactive when the prompt is frozen, the official setting); class-incremental only (the
+official ``dil`` mode folds labels modulo the class count). The cosine learning rate steps once
+per epoch (``schedule_unit="epoch"``, as the official Lightning ``configure_optimizers``:
+``CosineAnnealingLR(T_max=max_epoch)``, stepped per epoch); ``"step"`` decays it per batch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..layers.task_attention import TaskAttentionBlock
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, image_inputs, predict_batches
+from ..training import ScheduleUnit, fit, image_inputs, predict_batches
 from ..transforms import Augment
 from .base import GROWS, Method, count, register_method
 
@@ -66,7 +67,7 @@ class ESN(Method):
                  energy_beta: float = 1.0, mlp_ratio: float = 0.5,
                  temperatures: tuple[float, ...] = (0.001, 0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                     0.7, 0.8, 0.9, 1.0),
-                 augment: bool = True):
+                 augment: bool = True, schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.prompt_tokens = prompt_tokens
         self.epochs = epochs
@@ -80,6 +81,7 @@ class ESN(Method):
         self.mlp_ratio = mlp_ratio
         self.temperatures = temperatures
         self.augment = augment
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.vit_: nn.Module | None = None  # frozen copy of the backbone (not stored)
         self.prompt_: nn.Parameter | None = None  # (P, D), trained on task 0
         self.stages_ = nn.ModuleList()  # one _Stage per task
@@ -136,11 +138,8 @@ class ESN(Method):
         if not self.epochs:
             return
         g = ctx.generator(task.id, 2)
-        aug, base = Augment() if self.augment else None, image_inputs(self.backbone, task.train)
-
-        def inputs(pos: np.ndarray) -> torch.Tensor:
-            x = base(pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(z, y) + self.energy_lambda * (
@@ -150,7 +149,8 @@ class ESN(Method):
         local = torch.from_numpy(task.train.targets) - min(task.classes)
         fit(model, inputs, local, ctx, epochs=self.epochs, lr=self.lr,
             batch_size=self.batch_size, weight_decay=self.weight_decay,
-            momentum=self.momentum, generator=g, loss_fn=loss, desc=f"esn task {task.id}")
+            momentum=self.momentum, generator=g, loss_fn=loss, schedule_unit=self.schedule_unit,
+            desc=f"esn task {task.id}")
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """(B, k) -> (B,): E(z) = −(1/β) log Σ exp(−β z), as the official loss computes it."""

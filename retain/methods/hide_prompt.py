@@ -72,7 +72,7 @@ from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prefix import attach_prefix
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, predict_batches, task_cross_entropy
+from ..training import feature_inputs, fit, image_inputs, predict_batches, task_cross_entropy
 from ..transforms import Augment
 from .base import GROWS, Method, count, register_method
 
@@ -181,11 +181,8 @@ class HiDePrompt(Method):
         if not self.epochs:
             return
         net, g = self.net_, ctx.generator(task.id, 2)
-        aug = Augment() if self.augment else None
-
-        def inputs(pos):
-            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         anchors = self.tap_stats_.centroids()  # (M, D) earlier classes' prompted centroids
 

@@ -8,7 +8,9 @@ ViT-B/16), and classified by a ridge head: G += XᵀX, c += XᵀY per task, W = 
 chosen per task by 4-fold stratified cross-validation on the current task with the previous G
 and c added in (accuracy criterion, candidates logspace(-4, 3, 15) ∪ {1e-8}), as the official
 ``optimize_ridge``, with one eigendecomposition per fold for all candidates. Not followed: the
-official FSA's early stopping on a validation split (the epochs run in full here).
+official FSA's early stopping on a validation split (the epochs run in full here). The FSA's
+cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
+``main.py``: ``CosineAnnealingLR(T_max=finetune_epochs)``); ``"step"`` decays it per batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..layers.multilayer import multilayer_backbone
 from ..layers.ridge import RidgeStatistics, select_lambda_cv
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import ScheduleUnit
 from .base import FROZEN_AFTER_FIRST, Method, count, register_method
 
 # the official VPT: 10 zero-initialised tokens appended after the patches (PILOT's placement)
@@ -45,7 +48,7 @@ class LayUP(Method):
                                "vpt_deep"] = "vpt_deep",
                  epochs: int = 20, lr: float = 0.003, batch_size: int = 48,
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
-                 folds: int = 4):
+                 folds: int = 4, schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.layers = layers
         self.peft = peft
@@ -56,6 +59,7 @@ class LayUP(Method):
         self.momentum = momentum
         self.augment = augment
         self.folds = folds
+        self.schedule_unit = schedule_unit  # FSA cosine per epoch (official) or per batch
         self.body_: Backbone | None = None  # multi-layer view of the (adapted) network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None
