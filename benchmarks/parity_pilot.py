@@ -390,10 +390,15 @@ def main() -> None:
             "pilot": summarise(runs["pilot"]), "retain": summarise(runs["retain"]),
             "verdict": verdict(det, runs["pilot"], runs["retain"])}
         print(markdown(report).splitlines()[-1], flush=True)
-    a.results.mkdir(parents=True, exist_ok=True)
-    (a.results / "parity_pilot.json").write_text(json.dumps(report, indent=1))
-    (a.results / "parity_pilot.md").write_text(markdown(report))
+        write(a.results, report)  # after every method: an interrupted run keeps its table
+    write(a.results, report)
     print(markdown(report))
+
+
+def write(folder: Path, report: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "parity_pilot.json").write_text(json.dumps(report, indent=1))
+    (folder / "parity_pilot.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
