@@ -9,9 +9,9 @@ is tuned: ``finetune`` (every weight), or a parameter-efficient module injected 
 
 Two recipes (``recipe``):
 
-* ``"sgd"`` (APER, RanPAC, as LAMDA-PILOT): SGD with momentum, cosine to 0 over every step
-  (``retain.training.fit``'s default), a cosine head whose σ is learned from 1, weights ~ N(0,
-  0.02²);
+* ``"sgd"`` (APER, RanPAC, as LAMDA-PILOT): SGD with momentum, cosine to 0 stepped once per
+  epoch (``retain.training.fit``'s default; ``schedule_unit="step"``: after every batch), a
+  cosine head whose σ is learned from 1, weights ~ N(0, 0.02²);
 * ``"layup"`` (LayUP ``main.py::fsa``): AdamW (one rate and weight decay for the tuned module
   and the head), ``CosineLinear(sigma=30)`` with σ fixed and weights ~ U(±1/√D), and
   ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch (here a per-epoch factor stepped
@@ -29,7 +29,6 @@ import copy
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +38,7 @@ from .datasets.base import Split
 from .errors import ConfigError
 from .layers.heads import CosineHead
 from .layers.schedules import epoch_cosine
-from .training import fit
+from .training import ScheduleUnit, fit, image_inputs
 from .transforms import Augment, ColorJitter
 
 Peft = Literal["finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
@@ -66,35 +65,35 @@ def adapted_backbone(base: Backbone, model: nn.Module, peft: str) -> Backbone:
 def adapt_first_session(base: Backbone, train: Split, classes: tuple[int, ...], ctx: Context, *,
                         peft: Peft, epochs: int, lr: float, batch_size: int, weight_decay: float,
                         momentum: float = 0.9, augment: bool = True,
+                        schedule_unit: ScheduleUnit = "epoch",
                         generator: torch.Generator, options: dict | None = None,
                         recipe: Recipe = "sgd", crop_scale: tuple[float, float] = (0.05, 1.0),
                         color_jitter: float = 0.0) -> tuple[Backbone, nn.Module]:
     """Tune a copy of ``base.model`` on ``train`` (labels ``classes``) with a cosine head and
     cross-entropy, by ``recipe`` (module docstring); returns the frozen adapted backbone and the
-    trained module (its state). ``momentum`` is the SGD recipe's only."""
+    trained module (its state). ``momentum`` and ``schedule_unit`` (when the SGD recipe's cosine
+    steps: per epoch as the official APER and RanPAC codes, or per step) are the SGD recipe's
+    only."""
     model = copy.deepcopy(base.model)
     model.requires_grad_(False)
     tuned = attach(model, peft, **(options or {}))
     tuned.requires_grad_(True)
     head = _head(recipe, base.feature_dim, len(classes), generator)
     offset = torch.tensor(min(classes))
-    aug = _augmentation(base, crop_scale, color_jitter) if augment else None
-
-    def inputs(pos: np.ndarray) -> torch.Tensor:
-        x = base.preprocess(train, pos)  # (B, 3, S, S)
-        return aug(x, generator) if aug is not None else x
-
+    inputs = _inputs(base, train, crop_scale, color_jitter, generator) if augment else \
+        image_inputs(base, train)  # (B, 3, S, S)
     targets = torch.from_numpy(train.targets) - offset
     net, desc = nn.Sequential(model, head), f"adapt ({peft})"
     if recipe == "sgd":
         fit(net, inputs, targets, ctx, epochs=epochs, lr=lr, batch_size=batch_size,
-            weight_decay=weight_decay, momentum=momentum, generator=generator, desc=desc)
+            weight_decay=weight_decay, momentum=momentum, generator=generator,
+            schedule_unit=schedule_unit, desc=desc)
     else:
         trainable = [p for p in net.parameters() if p.requires_grad]  # σ is not
         opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         sched = epoch_cosine(opt, epochs, math.ceil(len(targets) / batch_size))
         fit(net, inputs, targets, ctx, epochs=epochs, batch_size=batch_size, optimizer=opt,
-            scheduler=sched, generator=generator, desc=desc)
+            scheduler=sched, schedule_unit="step", generator=generator, desc=desc)
     return adapted_backbone(base, model, peft), tuned
 
 
@@ -110,17 +109,20 @@ def _head(recipe: Recipe, dim: int, num_classes: int, generator: torch.Generator
     return head
 
 
-def _augmentation(base: Backbone, crop_scale: tuple[float, float], color_jitter: float):
-    """Crop + flip (``crop_scale``), then colour jitter when ``color_jitter`` > 0."""
+def _inputs(base: Backbone, train: Split, crop_scale: tuple[float, float], color_jitter: float,
+            generator: torch.Generator):
+    """Training views: RandomResizedCrop of the original image with ``crop_scale`` and a flip
+    (``Augment``), then colour jitter when ``color_jitter`` > 0 (on the [0, 1] pixels)."""
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
         raise ConfigError(f"crop_scale = {crop_scale!r}: give 0 < low <= high <= 1 (the area "
                           f"fraction RandomResizedCrop keeps)")
     crop = Augment(scale=(float(crop_scale[0]), float(crop_scale[1])))
+    views = image_inputs(base, train, augment=crop, generator=generator)  # (B, 3, S, S)
     if color_jitter == 0:
-        return crop
+        return views
     pre = base.preprocess
     jitter = ColorJitter(color_jitter, tuple(pre.mean), tuple(pre.std))
-    return lambda x, g: jitter(crop(x, g), g)
+    return lambda pos: jitter(views(pos), generator)
 
 
 def restore_adapted(base: Backbone, peft: Peft, state: dict[str, torch.Tensor],
@@ -135,15 +137,17 @@ def restore_adapted(base: Backbone, peft: Peft, state: dict[str, torch.Tensor],
 def adapt_for(method, task, ctx: Context, options: dict | None = None, **recipe
               ) -> tuple[Backbone, nn.Module | None]:
     """First-session adaptation with a method's own hyper-parameters (``peft``, ``epochs``,
-    ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``augment``; ``recipe``: keywords
-    ``recipe``, ``crop_scale``, ``color_jitter`` of ``adapt_first_session``); the pre-trained
-    backbone and no trained module when ``peft`` is 'none' or ``epochs`` is 0."""
+    ``lr``, ``batch_size``, ``weight_decay``, ``momentum``, ``augment``, ``schedule_unit``;
+    ``recipe``: keywords ``recipe``, ``crop_scale``, ``color_jitter`` of
+    ``adapt_first_session``); the pre-trained backbone and no trained module when ``peft`` is
+    'none' or ``epochs`` is 0."""
     if method.peft == "none" or method.epochs == 0:
         return method.backbone, None
     return adapt_first_session(
         method.backbone, task.train, task.classes, ctx, peft=method.peft, epochs=method.epochs,
         lr=method.lr, batch_size=method.batch_size, weight_decay=method.weight_decay,
-        momentum=method.momentum, augment=method.augment, generator=ctx.generator(0, 9),
+        momentum=method.momentum, augment=method.augment,
+        schedule_unit=method.schedule_unit, generator=ctx.generator(0, 9),
         options=options, **recipe)
 
 

@@ -66,6 +66,7 @@ def build(config: RunConfig, echo=lambda *_: None) -> Run:
         scenario = with_task_order(scenario, config.task_order)
     echo(f"loading backbone {config.backbone} ...")
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    backbone.preprocess = backbone.preprocess.with_overrides(config.preprocess)  # the effective
     method = create_method(config.method, backbone, **config.params)
     if isinstance(scenario, TaskFree):
         check_task_free(method)
@@ -181,7 +182,9 @@ def new_results(r: Run) -> dict:
     return {"format": RESULTS_FORMAT, "config": r.config.to_dict(), "method": r.method.name,
             "hparams": r.method.hparams(), "tags": sorted(r.method.tags),
             "uses_batch_information": r.method.uses_batch_information,
-            "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
+            "backbone": r.method.backbone.describe(),
+            "preprocess": r.method.backbone.preprocess.describe(),  # the effective transform
+            "dataset": r.scenario.bundle.source
             | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
             "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),
             "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,

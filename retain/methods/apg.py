@@ -60,7 +60,7 @@ from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..layers.schedules import warmup_cosine
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit
+from ..training import fit, image_inputs
 from ..transforms import Augment
 from .base import GROWS, VIT, Method, Needs, count, register_method
 
@@ -165,10 +165,9 @@ class APG(Method):
         if not self.epochs:
             return
         g = ctx.generator(task.id, 3)  # batch order, augmentation, library draws
-        augment = Augment() if self.augment else None
-        split, pre = task.train, self.backbone.preprocess
-        inputs = (lambda pos: augment(pre(split, pos), g)) if augment else (
-            lambda pos: pre(split, pos))
+        split = task.train
+        inputs = image_inputs(self.backbone, split,
+                              augment=Augment() if self.augment else None, generator=g)
         draw = self.library_.sampler(ctx.device) if len(self.library_) else None
         per_class = math.ceil(self.center_samples / max(1, len(self.library_)))
 
@@ -186,7 +185,7 @@ class APG(Method):
                               warmup_lr=self.warmup_lr, min_lr=self.min_lr)
         fit(self.net_, inputs, torch.from_numpy(split.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=g, loss_fn=loss, optimizer=opt,
-            scheduler=sched, desc=f"apg task {task.id}")
+            scheduler=sched, schedule_unit="step", desc=f"apg task {task.id}")
 
     def _library_loss(self, centroids, feats, prompts, labels, *, eval_gen: bool) -> torch.Tensor:
         """L1(G(c̃), p̄_c)·constraint + CE(head(f̃), c)·memory CE on library draws."""

@@ -38,9 +38,10 @@ task are set to −1e10, as ``vit_models.py`` does for ``imagenet_r``), ``optimi
 Deviations: per-sample selection by default; only the learned tasks' keys compete at test time
 (the official code matches all pool keys); more tasks than keys is an error (the official code
 falls back to the vote); the optimiser is re-created each task (Mammoth) unless
-``optimizer_scope="run"``; a linear head with nn.Linear's initialisation (official: kaiming, bias
-−4.6); augmentation is a random 0.766-area square crop (≈ resize 256 + random crop 224) and flip
-on the preprocessed image; the token mixer's length follows the ViT's patch grid + prefix tokens.
+``optimizer_scope="run"`` (the official one lives across tasks); a linear head with nn.Linear's
+initialisation (official: kaiming, bias −4.6); augmentation is a random 0.766-area square crop of
+the original image (≈ resize 256 + random crop 224), resized, and flip; the token mixer's length
+follows the ViT's patch grid + prefix tokens.
 """
 
 from __future__ import annotations

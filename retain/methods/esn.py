@@ -28,10 +28,11 @@ Cost: one trunk pass serves every stage (the official ``eval`` too, with the las
 prompt); training tasks t > 0 runs the trunk without gradients unless the prompt trains. The
 class-attention block is initialised as the official (ConViT's ``ClassAttention`` and ``Mlp``:
 trunc-normal 0.02 weights, zero biases; LayerNorm eps 1e-5). Predictions are per sample; no task
-id at test. Differences: the learning rate follows a cosine per step (the code: per epoch); the
-MSE distillation to a previous prompt is left out (``pre_vitprompt`` is never set in the released
-code, so it never runs); class-incremental only (the official ``dil`` mode folds labels modulo
-the class count).
+id at test. The cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the
+official Lightning ``configure_optimizers``: ``CosineAnnealingLR(T_max=max_epoch)``, stepped per
+epoch); ``"step"`` decays it per batch. Differences: the MSE distillation to a previous prompt is
+left out (``pre_vitprompt`` is never set in the released code, so it never runs);
+class-incremental only (the official ``dil`` mode folds labels modulo the class count).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..layers.task_attention import TaskAttentionBlock
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, image_inputs, predict_batches
+from ..training import ScheduleUnit, fit, image_inputs, predict_batches
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, count, register_method
 
@@ -75,7 +76,7 @@ class ESN(Method):
                  temperatures: tuple[float, ...] = (0.001, 0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                     0.7, 0.8, 0.9, 1.0),
                  prompt_training: Literal["first_task", "every_task"] = "first_task",
-                 augment: bool = True):
+                 augment: bool = True, schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.prompt_tokens = prompt_tokens  # shared prompt tokens, trained on task 0 then frozen
         self.epochs = epochs
@@ -90,6 +91,7 @@ class ESN(Method):
         self.mlp_ratio = mlp_ratio
         self.temperatures = temperatures  # candidate temperatures of each stage's calibration
         self.augment = augment
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.vit_: nn.Module | None = None  # frozen copy of the backbone (not stored)
         self.prompt_: nn.Parameter | None = None  # (P, D), trained on task 0
         self.stages_ = nn.ModuleList()  # one _Stage per task
@@ -147,11 +149,8 @@ class ESN(Method):
         if not self.epochs:
             return
         g = ctx.generator(task.id, 2)
-        aug, base = Augment() if self.augment else None, image_inputs(self.backbone, task.train)
-
-        def inputs(pos: np.ndarray) -> torch.Tensor:
-            x = base(pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(z, y) + self.energy_lambda * (
@@ -161,7 +160,8 @@ class ESN(Method):
         local = torch.from_numpy(task.train.targets) - min(task.classes)
         fit(model, inputs, local, ctx, epochs=self.epochs, lr=self.lr,
             batch_size=self.batch_size, weight_decay=self.weight_decay,
-            momentum=self.momentum, generator=g, loss_fn=loss, desc=f"esn task {task.id}")
+            momentum=self.momentum, generator=g, loss_fn=loss, schedule_unit=self.schedule_unit,
+            desc=f"esn task {task.id}")
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """(B, k) -> (B,): E(z) = −(1/β) log Σ exp(−β z), as the official loss computes it."""

@@ -191,11 +191,8 @@ class HiDePrompt(Method):
         if not self.epochs:
             return
         net, g = self.net_, ctx.generator(task.id, 2)
-        aug = Augment() if self.augment else None
-
-        def inputs(pos):
-            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         anchors = self.tap_stats_.centroids()  # (M, D) earlier classes' prompted centroids
 

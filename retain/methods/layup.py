@@ -16,9 +16,10 @@ head with σ fixed, AdamW (lr 0.003, weight decay 5e-4) on the tuned module and 
 every batch: epoch e runs at lr·½(1 + cos(π e / E))), 20 epochs of batch 48, on
 RandomResizedCrop scale (0.7, 1) + flip + ColorJitter 0.1 (brightness, contrast, saturation,
 hue; ``crop_scale``, ``color_jitter``). ``fsa_recipe: sgd`` is APER/RanPAC's (PILOT) recipe,
-retain's earlier default: SGD (``momentum``), σ learned from 1, cosine per step; with it,
-``crop_scale: [0.05, 1.0]`` and ``color_jitter: 0`` give that earlier run exactly. See
-``retain.adaptation``.
+retain's earlier default: SGD (``momentum``), σ learned from 1, cosine stepped per
+``schedule_unit`` (per epoch, as PILOT; ``step``: per batch, retain's earlier stepping); with
+``crop_scale: [0.05, 1.0]`` and ``color_jitter: 0`` it is that earlier recipe (the crop is now
+taken from the original image, see ``retain.transforms.Augment``). See ``retain.adaptation``.
 
 What the official main.py does differently, on purpose not copied:
 * Its defaults are ``--finetune_method none`` on ``vit_base_patch16_224`` (IN-1K fine-tuned);
@@ -50,6 +51,7 @@ from ..layers.multilayer import multilayer_backbone
 from ..layers.ridge import RidgeStatistics, select_lambda_cv
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import ScheduleUnit
 from .base import FROZEN_AFTER_FIRST, VIT, Method, Needs, count, register_method
 
 # the official VPT: 10 zero-initialised tokens appended after the patches (PILOT's placement)
@@ -77,7 +79,7 @@ class LayUP(Method):
                  weight_decay: float = 5e-4, fsa_recipe: Literal["official", "sgd"] = "official",
                  momentum: float = 0.9, augment: bool = True,
                  crop_scale: tuple[float, float] = (0.7, 1.0), color_jitter: float = 0.1,
-                 folds: int = 4):
+                 folds: int = 4, schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.layers = layers  # k: class tokens of the last k blocks form the feature
         self.peft = peft
@@ -91,6 +93,7 @@ class LayUP(Method):
         self.momentum = momentum  # fsa_recipe sgd only
         self.augment = augment
         self.folds = folds  # cross-validation folds of the ridge lambda
+        self.schedule_unit = schedule_unit  # the sgd recipe's cosine: per epoch or per batch
         self.body_: Backbone | None = None  # multi-layer view of the (adapted) network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None

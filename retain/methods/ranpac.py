@@ -17,6 +17,10 @@ KMnP/vpt's placement (after the class token, uniform init; ``retain.layers.vpt``
 Head: ``linear`` (default, the official code: z = h W_o) or ``cosine`` (PILOT's CosineLinear:
 z_c = cos(h, W_o[:, c])). W_rand is regenerated from a stored seed; G (M x M, float64) is part of
 the state, so a checkpoint at M = 10,000 holds 800 MB.
+
+Phase 1's cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
+``RanPAC.py`` and PILOT: ``CosineAnnealingLR(T_max=tuned_epoch)``, so a 1-epoch run trains at the
+full rate); ``"step"`` decays it after every batch instead.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ..datasets.base import Split
 from ..layers.ridge import RANPAC_LAMBDAS, RidgeStatistics, select_lambda
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import ScheduleUnit
 from .base import FROZEN_AFTER_FIRST, VIT_OR_CLIP, Method, Needs, count, register_method
 
 
@@ -56,7 +61,8 @@ class RanPAC(Method):
                  epochs: int = 20, lr: float = 0.01, batch_size: int = 48,
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
                  projection_dim: int = 10000, head: Literal["linear", "cosine"] = "linear",
-                 vpt_tokens: int = 5, vpt_placement: Literal["pilot", "official"] = "pilot"):
+                 vpt_tokens: int = 5, vpt_placement: Literal["pilot", "official"] = "pilot",
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.peft = peft
         self.epochs = epochs
@@ -69,6 +75,7 @@ class RanPAC(Method):
         self.augment = augment
         self.projection_dim = projection_dim  # M: width of the random ReLU projection (0: none)
         self.head = head  # linear (official) or cosine (PILOT) ridge head
+        self.schedule_unit = schedule_unit  # phase-1 cosine per epoch (official) or per batch
         self.body_: Backbone | None = None  # the (adapted) frozen network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None

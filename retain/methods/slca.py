@@ -52,7 +52,7 @@ from ..errors import ConfigError
 from ..layers.gaussian import ClassGaussians
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, load_prefixed, predict_batches
+from ..training import feature_inputs, fit, image_inputs, load_prefixed, predict_batches
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, Method, Needs, count, register_method
 
@@ -183,14 +183,13 @@ class SLCA(Method):
         g = ctx.generator(task.id, 1)
         model = nn.Sequential(net, head).to(ctx.device)
         net.requires_grad_(self.backbone_lr_scale > 0)
-        opt = self._optimizer(net, head)
-        steps = math.ceil(len(task.train) / self.batch_size)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [self.milestone * steps], self.lr_decay)
+        opt = self._optimizer(net, head)  # rates × lr_decay after epoch `milestone`, as official
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [self.milestone], self.lr_decay)
         targets = torch.from_numpy(task.train.targets) - min(task.new_classes)
         with _seeded_rng(ctx, g):  # dropout / drop-path of the network, if it has any
             fit(model, self._train_inputs(task.train, g), targets, ctx, epochs=self.epochs,
                 batch_size=self.batch_size, generator=g, optimizer=opt, scheduler=sched,
-                desc=f"slca task {task.id}")
+                schedule_unit="epoch", desc=f"slca task {task.id}")
 
     def _optimizer(self, net: nn.Module, head: nn.Module) -> torch.optim.SGD:
         """Parameter groups: the head at ``lr``, the backbone at ``lr × backbone_lr_scale``."""
@@ -202,13 +201,8 @@ class SLCA(Method):
                                weight_decay=self.weight_decay)
 
     def _train_inputs(self, split: Split, generator: torch.Generator):
-        aug = Augment() if self.augment else None
-
-        def inputs(pos):
-            x = self.backbone.preprocess(split, pos)  # (B, 3, S, S)
-            return aug(x, generator) if aug is not None else x
-
-        return inputs
+        return image_inputs(self.backbone, split, augment=Augment() if self.augment else None,
+                            generator=generator)  # (B, 3, S, S)
 
     def _align(self, task: Task, ctx: Context) -> None:
         """Stage 2: every head trained on draws from the seen classes' Gaussians."""
