@@ -59,19 +59,23 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         for start in range(0, n, batch_size):
             pos = perm[start : start + batch_size]
             bar.update(len(pos))
-            x, y = _to(inputs(pos), ctx.device), targets[pos].to(ctx.device)
-            loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
+            x, y, share = ctx.dist.batch_share(inputs(pos), targets[pos])  # this rank's rows
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(y):
+                x, y = _to(x, ctx.device), y.to(ctx.device)
+                loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
+                (loss * share if share != 1.0 else loss).backward()
+                total += float(loss.detach()) * len(y)
+            ctx.dist.reduce_gradients(p for g in opt.param_groups for p in g["params"])
             if clip_grad is not None:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                          clip_grad)
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(loss.detach()) * len(pos)
-        losses.append(total / n)
+        losses.append(ctx.dist.sum(total) / n)
     bar.close()
+    ctx.dist.same_state(model, generator)
     model.eval()
     return losses
 
@@ -116,12 +120,15 @@ def predict_batches(model: nn.Module, inputs: Inputs, n: int, ctx: Context) -> t
     output where the model returns a tuple, e.g. (logits, auxiliary loss))."""
     model.to(ctx.device).eval()
     out = []
-    for start in range(0, n, ctx.batch_size):
-        pos = np.arange(start, min(n, start + ctx.batch_size))
+    mine = ctx.dist.shard(n)  # several processes: each its contiguous share, gathered in order
+    for start in range(mine.start, mine.stop, ctx.batch_size):
+        pos = np.arange(start, min(mine.stop, start + ctx.batch_size))
         x = _to(inputs(pos), ctx.device)
         y = model(*x) if isinstance(x, tuple) else model(x)
         out.append((y[0] if isinstance(y, tuple) else y).float().cpu())  # the logits
-    return torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out) if out else None
+    return ctx.dist.gather_rows(local) if ctx.dist.active else \
+        (local if local is not None else torch.zeros(0))
 
 
 def task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, classes) -> torch.Tensor:
