@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .errors import ConfigError, RetainError
@@ -196,19 +195,25 @@ class Dist:
                           if m is not None])
 
     # -- splitting work -------------------------------------------------------------------
-    def shard(self, n: int) -> slice:
-        """This rank's contiguous share of ``n`` items: rank r takes [n·r/W, n·(r+1)/W)."""
-        return slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+    def shard(self, n: int, unit: int = 1) -> slice:
+        """This rank's contiguous share of ``n`` items, in whole runs of ``unit`` (batches:
+        each rank then computes exactly the batches one process would): rank r of W takes
+        units [u·r/W, u·(r+1)/W) of the u = ceil(n / unit)."""
+        units = -(-n // unit)
+        lo, hi = units * self.rank // self.world_size, units * (self.rank + 1) // self.world_size
+        return slice(min(lo * unit, n), min(hi * unit, n))
 
     def batch_share(self, x, y: torch.Tensor):
-        """This rank's rows of a global batch (``x`` a tensor or a tuple of tensors, targets
-        ``y``) and their share of the batch (the loss weight that makes summed gradients equal
-        the gradient of the global batch's mean loss)."""
+        """This rank's rows of a global batch (``x`` a tensor or nested tuples of tensors, one
+        row per target of ``y``) and their share of the batch: the loss weight that makes the
+        summed gradients those of the global batch's mean loss. Inputs that are not one row per
+        sample (replay appends a memory batch) are kept whole on every rank, at weight 1/W."""
         if not self.active:
             return x, y, 1.0
+        if not _rows_match(x, len(y)):
+            return x, y, 1.0 / self.world_size
         part = self.shard(len(y))
-        x = tuple(t[part] for t in x) if isinstance(x, tuple) else x[part]
-        return x, y[part], (part.stop - part.start) / max(len(y), 1)
+        return _take(x, part), y[part], (part.stop - part.start) / max(len(y), 1)
 
     def reduce_gradients(self, params) -> None:
         """Sum the gradients of ``params`` over ranks (one flat all-reduce). A parameter that no
@@ -261,14 +266,19 @@ class Dist:
             raise RetainError(f"rank {first[0]} stopped: {first[1]}")
 
 
+def _rows_match(x, n: int) -> bool:
+    if isinstance(x, tuple):
+        return all(_rows_match(t, n) for t in x)
+    return len(x) == n
+
+
+def _take(x, part: slice):
+    return tuple(_take(t, part) for t in x) if isinstance(x, tuple) else x[part]
+
+
 def check_method(name: str) -> None:
     """ConfigError when this process is one of several (``launched()``) and method ``name``
     cannot run that way (before the process group is joined or any data loads)."""
     if launched() and refusal(name):
         raise ConfigError(refusal(name))
 
-
-def shard_positions(n: int, dist: Dist) -> np.ndarray:
-    """This rank's contiguous share of positions 0..n-1."""
-    part = dist.shard(n)
-    return np.arange(part.start, part.stop)

@@ -256,7 +256,7 @@ class FeatureCache:
             opts = opts | {"progress": opts["progress"] and main}
             for c in range(0, len(todo), self.shard_rows):
                 rows = todo[c : c + self.shard_rows]
-                mine = rows[dist.shard(len(rows))]
+                mine = rows[dist.shard(len(rows), opts["batch_size"])]  # whole batches
                 feats = embed(backbone, split, mine, **opts) if len(mine) else None
                 self.images_embedded += len(mine)
                 feats = dist.gather_rows(feats)  # (len(rows), D) in the order of rows

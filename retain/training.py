@@ -65,7 +65,7 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
                 x, y = _to(x, ctx.device), y.to(ctx.device)
                 loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
                 (loss * share if share != 1.0 else loss).backward()
-                total += float(loss.detach()) * len(y)
+                total += float(loss.detach()) * share * len(pos)
             ctx.dist.reduce_gradients(p for g in opt.param_groups for p in g["params"])
             if clip_grad is not None:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
@@ -120,7 +120,7 @@ def predict_batches(model: nn.Module, inputs: Inputs, n: int, ctx: Context) -> t
     output where the model returns a tuple, e.g. (logits, auxiliary loss))."""
     model.to(ctx.device).eval()
     out = []
-    mine = ctx.dist.shard(n)  # several processes: each its contiguous share, gathered in order
+    mine = ctx.dist.shard(n, ctx.batch_size)  # several processes: whole batches, gathered
     for start in range(mine.start, mine.stop, ctx.batch_size):
         pos = np.arange(start, min(mine.stop, start + ctx.batch_size))
         x = _to(inputs(pos), ctx.device)

@@ -1,0 +1,163 @@
+"""Runs over 2 gloo processes on the CPU equal runs in one process (retain.distributed).
+
+One spawn of 2 processes runs every job of ``JOBS`` (tests/distributed_jobs.py); each test
+compares its job's output on both ranks with the same job run here, in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from distributed_jobs import max_difference, run_job, same, spawn
+
+from retain.distributed import REFUSED, Dist, check_method, refusal
+from retain.errors import ConfigError
+
+STEP = {"epochs": 1, "batch_size": 24}  # the 24 images of task 0 in one global batch
+JOBS = {
+    # whole runs of the closed-form methods on frozen features (SimpleCIL on a disk cache)
+    "simplecil": ("run", "simplecil", {}, True),
+    "ranpac": ("run", "ranpac", {"peft": "none", "projection_dim": 256}, False),
+    "layup": ("run", "layup", {"peft": "none", "layers": 2}, False),
+    "ease": ("run", "ease", {"epochs": 0}, False),
+    # ... and with first-session adaptation (trained over 2 ranks, then closed form)
+    "ranpac-adapted": ("run", "ranpac", {"peft": "finetune", "epochs": 1, "batch_size": 8,
+                                         "projection_dim": 256}, False),
+    # one training step: 2 ranks x 12 images against 1 process x 24
+    "finetune": ("learn", "finetune", {"lr": 0.05} | STEP, 1),
+    "l2p": ("learn", "l2p", {"lr": 0.01, "augment": False, "pool_size": 4, "top_k": 2,
+                             "prompt_length": 2, "head_type": "token"} | STEP, 1),
+    "coda_prompt": ("learn", "coda_prompt", {"layers": (0, 1), "pool_size": 6, "num_tasks": 3,
+                                             "prompt_length": 4, "lr": 0.01} | STEP, 1),
+    "aper": ("learn", "aper", {"peft": "adapter", "augment": True} | STEP, 1),
+    "slca": ("learn", "slca", {"lr": 0.05, "augment": False, "ca_samples": 32,
+                               "ca_epochs": 1} | STEP, 1),
+    # exemplar memories over 3 tasks
+    "icarl": ("learn", "icarl", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12}, 3),
+    "replay": ("learn", "replay", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12,
+                                   "memory_batch_size": 4}, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """Per rank, {job: output} of a 2-process run of every job."""
+    outputs, _ = spawn(JOBS, world=2)
+    return outputs
+
+
+@functools.cache
+def alone(job: str):
+    """The job in this one process (on one thread, as each rank: LAPACK's solves of RanPAC's
+    ill-conditioned ridge systems, λ = 1e-8, differ in the last digits with the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_job(job, JOBS[job], Dist(), tempfile.mkdtemp(prefix="retain-one-"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["simplecil", "ranpac", "layup", "ease", "ranpac-adapted"])
+def test_closed_form_runs_equal_one_process(ranks, method):
+    one = alone(method)
+    for rank in ranks:
+        np.testing.assert_array_equal(np.array(rank[method]["matrix"], dtype=float),
+                                      np.array(one["matrix"], dtype=float))
+        assert [s["correct"] for s in rank[method]["stages"]] == \
+            [s["correct"] for s in one["stages"]]
+    for a, b, want in zip(ranks[0][method]["states"], ranks[1][method]["states"], one["states"],
+                          strict=True):
+        assert max_difference(a, b) == 0.0  # every rank solves the identical head
+        if method != "ranpac-adapted":
+            assert max_difference(a, want) < 1e-6
+        else:  # trained: float sums in another order, then a ridge solve
+            assert max_difference(a, want, relative=True) < 1e-4
+    assert [s["images_embedded"] for s in ranks[0][method]["stages"]] == \
+        [s["images_embedded"] for s in one["stages"]]
+    # every image embedded once in total across ranks, as by one process
+    assert sum(r[method]["embedded"] for r in ranks) == one["embedded"]
+    assert all(0 < r[method]["embedded"] < one["embedded"] for r in ranks)
+
+
+def test_simplecil_embeds_each_image_once(ranks):
+    one = alone("simplecil")
+    assert one["embedded"] == 6 * (12 + 6)  # every train and test image of the tiny stream
+    assert sum(r["simplecil"]["embedded"] for r in ranks) == one["embedded"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "l2p", "coda_prompt", "aper", "slca"])
+def test_one_step_of_two_ranks_equals_one_process_with_twice_the_batch(ranks, method):
+    one = alone(method)[0]
+    assert max_difference(ranks[0][method][0], ranks[1][method][0]) == 0.0
+    assert max_difference(ranks[0][method][0], one) < 1e-5
+    moved = learn_nothing(method)
+    assert max_difference(one, moved) > 1e-4  # the step moved parameters 10x the tolerance
+
+
+@pytest.mark.parametrize("method", ["icarl", "replay"])
+def test_memories_are_identical_on_both_ranks_after_every_task(ranks, method):
+    for a, b in zip(ranks[0][method], ranks[1][method], strict=True):
+        memory = {k: v for k, v in a.items() if k.startswith("memory.")}
+        assert memory and same(memory, {k: b[k] for k in memory})
+        assert same(a, b)
+
+
+def learn_nothing(method: str) -> dict:
+    """The state after task 0 at a learning rate of 1e-9 (about where the step starts)."""
+    kind, name, params, tasks = JOBS[method]
+    return run_job(method, (kind, name, params | {"lr": 1e-9}, tasks), Dist(),
+                   tempfile.mkdtemp())[0]
+
+
+# -- without processes ------------------------------------------------------------------------
+
+def test_one_process_is_a_no_op():
+    d = Dist()
+    t = torch.arange(5.0)
+    assert not d.active and d.is_main and d.shard(7) == slice(0, 7)
+    assert d.all_reduce_(t) is t and torch.equal(t, torch.arange(5.0))
+    assert d.gather_rows(t) is t and d.sum(2.5) == 2.5 and d.any(False) is False
+    x, y, share = d.batch_share(t, t)
+    assert x is t and share == 1.0
+
+
+def test_shares_partition_every_batch():
+    for world in (2, 3, 4):
+        for n in (0, 1, 5, 24):
+            for unit in (1, 4, 16):
+                parts = [Dist(rank=r, world_size=world).shard(n, unit) for r in range(world)]
+                assert [p.start for p in parts] == [0] + [p.stop for p in parts[:-1]]
+                assert parts[-1].stop == n
+                assert all(p.start % unit == 0 for p in parts)
+            shares = [Dist(rank=r, world_size=world).batch_share(torch.arange(n),
+                                                                  torch.arange(n))[2]
+                      for r in range(world)]
+            assert n == 0 or sum(shares) == pytest.approx(1.0)
+
+
+def test_methods_with_their_own_loops_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in REFUSED:
+        with pytest.raises(ConfigError, match=f"method {name} cannot run in several processes"):
+            check_method(name)
+    check_method("simplecil")
+    assert refusal("simplecil") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_method("den")  # one process: every method runs
+
+
+def test_run_refuses_a_refused_method_under_torchrun(monkeypatch, tmp_path, tiny_dataset):
+    from retain.config import RunConfig
+    from retain.runner import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = RunConfig(method="den", dataset=tiny_dataset, backbone="pixels", image_size=16,
+                       scenario="TIL-B0Inc2", out=str(tmp_path / "den"), cache=False)
+    with pytest.raises(ConfigError, match="method den cannot run in several processes"):
+        run(config, echo=lambda *_: None)
+    assert not (tmp_path / "den").exists()
