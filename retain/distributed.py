@@ -251,6 +251,23 @@ class Dist:
             generator.set_state(self.broadcast_(generator.get_state().clone()))
         torch.set_rng_state(self.broadcast_(torch.get_rng_state().clone()))
 
+    def check_same(self, state: dict[str, torch.Tensor], what: str) -> None:
+        """RuntimeError on every rank unless all ranks hold the same ``state`` (compared by a
+        sha256 of its tensors): the guard that a method stayed identical across ranks."""
+        if not self.active:
+            return
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(state):
+            t = state[k].detach().cpu().contiguous().reshape(-1)
+            h.update(f"{k} {t.dtype} {tuple(state[k].shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digests = self.all_gather_object(h.hexdigest())
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the processes hold different states of {what} (this is a bug "
+                               "in retain: please report it); run it in one process meanwhile")
+
     def check(self, error: RetainError | None) -> None:
         """Collective error check: every rank raises when any rank had ``error`` (a RetainError
         on the ranks that did not see it, naming the rank that did)."""

@@ -118,6 +118,7 @@ def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = 
                 echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
             for task in r.scenario[start:]:
                 stage, state = learn_and_evaluate(r, task)
+                dist.check_same(state, f"method {r.method.name} after task {task.id}")
                 if dist.is_main:
                     save_stage(r, results, stage, state, run_dir)
                 results = dist.broadcast_object(results)  # rank 0's, once written

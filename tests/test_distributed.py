@@ -6,8 +6,16 @@ compares its job's output on both ranks with the same job run here, in one proce
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +169,88 @@ def test_run_refuses_a_refused_method_under_torchrun(monkeypatch, tmp_path, tiny
     with pytest.raises(ConfigError, match="method den cannot run in several processes"):
         run(config, echo=lambda *_: None)
     assert not (tmp_path / "den").exists()
+
+
+# -- torchrun: kill -9 mid-stream, then the same command resumes ------------------------------
+
+RESUMED = ["--method", "ranpac", "--set", "params.peft=none", "--set", "params.projection_dim=256",
+           "--dataset", "digits", "--backbone", "vit_tiny_random", "--image-size", "16",
+           "--scenario", "B0Inc2", "--set", "subset.train=30", "--set", "subset.test=10",
+           "--device", "cpu", "--quiet"]
+
+
+def torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "retain", "run", *args]
+
+
+@pytest.mark.slow
+def test_kill_9_of_two_processes_then_torchrun_resumes_to_the_same_results(tmp_path):
+    from retain.config import make_config
+    from retain.runner import run
+
+    out, cache = tmp_path / "victim", ["--cache-dir", str(tmp_path / "cache")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(torchrun(RESUMED + cache + ["--out", str(out)]), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and victim.poll() is None:  # one finished task, then kill -9
+        if (out / "results.json").is_file():
+            done = len(json.loads((out / "results.json").read_text())["stages"])
+            if done >= 1:
+                break
+        time.sleep(0.05)
+    for pid in [victim.pid, *descendants(victim.pid)]:  # torchrun's agent and both workers
+        with contextlib.suppress(ProcessLookupError):  # (each worker has its own session)
+            os.kill(pid, signal.SIGKILL)
+    victim.wait()
+    done = len(json.loads((out / "results.json").read_text())["stages"])
+    assert 1 <= done < 5
+    again = subprocess.run(torchrun(RESUMED + cache + ["--out", str(out)]), env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count(f"resuming {out}: {done} of 5 tasks") == 1  # rank 0 alone prints
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["environment"]["processes"] == 2 and len(resumed["stages"]) == 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the same stream in one uninterrupted process
+        flags, sets = _flags(RESUMED)
+        ref = run(make_config(flags=flags | {"out": str(tmp_path / "ref")}, sets=sets),
+                  echo=lambda *_: None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], dtype=float),
+                                  np.array(ref["accuracy_matrix"], dtype=float))
+    assert [s["correct"] for s in resumed["stages"]] == [s["correct"] for s in ref["stages"]]
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _flags(args: list[str]) -> tuple[dict, list[str]]:
+    """Command-line ``args`` as make_config's flags and sets (no cache: a fresh pass)."""
+    flags, sets, it = {"cache": False}, [], iter(args)
+    for a in it:
+        if a == "--quiet":
+            continue
+        value = next(it)
+        if a == "--set":
+            sets.append(value)
+        else:
+            key = a[2:].replace("-", "_")
+            flags[key] = int(value) if key == "image_size" else value
+    return flags, sets
