@@ -17,7 +17,9 @@ places only, each gathering its results so that every rank holds the same values
   weighted by its share of the batch, and the gradients are summed across ranks before the step
   (one step of N ranks x b equals one process with N·b).
 
-Methods never call torch.distributed. Those that train in a loop of their own or take
+No ``inputs(pos)`` closure may itself call ``ctx.features`` or ``predict_batches`` (ranks call
+their closures a different number of times in ``predict_batches``). Methods never call
+torch.distributed. Those that train in a loop of their own or take
 decisions a rank could take differently are refused in a multi-process run (``REFUSED``) with
 one line naming the method, until they are made to use the shared pieces.
 """
@@ -36,6 +38,8 @@ REFUSED = {
     "apd": "trains in its own loop and takes consolidation decisions on each process",
     "apg": "trains part of each task in its own loop",
     "den": "trains in its own loop and takes expansion decisions on each process",
+    "hide_prompt": "trains prompts with Adam, whose 2-process step differs from one process's "
+                   "by up to 3e-2 after a task (not yet explained)",
     "dytox": "trains in its own loop and adds task tokens on each process",
     "supsup": "trains its score masks in its own loop",
     "supsup_gn": "trains its score masks in its own loop",

@@ -45,6 +45,13 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
     ``optimizer`` (e.g. parameter groups with their own learning rates; ``weight_decay`` and
     ``momentum`` are then its own) with an optional ``scheduler`` stepped after every batch
     (None: constant rates).
+
+    Several processes (``ctx.dist``, torchrun): ``batch_size`` is the global batch. Every rank
+    draws the same permutation and builds the same global batch (``inputs(pos)``: so random
+    augmentation draws are those of one process), computes the loss of its contiguous share
+    weighted by the share's fraction of the batch, and the gradients are summed across ranks
+    before the clip and the step: one step of N ranks x b equals one process with N·b for any
+    loss that is a per-sample mean plus batch-independent terms.
     """
     loss_fn = loss_fn or F.cross_entropy
     n = len(targets)
