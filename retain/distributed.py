@@ -38,8 +38,10 @@ REFUSED = {
     "apd": "trains in its own loop and takes consolidation decisions on each process",
     "apg": "trains part of each task in its own loop",
     "den": "trains in its own loop and takes expansion decisions on each process",
-    "hide_prompt": "trains prompts with Adam, whose 2-process step differs from one process's "
-                   "by up to 3e-2 after a task (not yet explained)",
+    "hide_prompt": "contrasts the samples of each batch with each other (its prompt "
+                   "regulariser), so a batch split over processes is not one process's batch",
+    "proof": "contrasts the images of each batch with each other (CLIP loss, B x B), so a batch "
+             "split over processes is not one process's batch",
     "dytox": "trains in its own loop and adds task tokens on each process",
     "supsup": "trains its score masks in its own loop",
     "supsup_gn": "trains its score masks in its own loop",
