@@ -254,3 +254,9 @@ def _flags(args: list[str]) -> tuple[dict, list[str]]:
             key = a[2:].replace("-", "_")
             flags[key] = int(value) if key == "image_size" else value
     return flags, sets
+
+
+def test_python_m_retain_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "retain", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Continual learning" in done.stdout
