@@ -31,6 +31,14 @@ COMMANDS: list[tuple[str, str, str]] = [
      "a method's paper, tags, hyper-parameters, needs and presets"),
     ("show", "retain.commands.show", "print the tables of a run folder again"),
     ("verify", "retain.verify", "check a run folder, its checkpoints and cache entries"),
+    ("predict", "retain.commands.predict",
+     "classify images with a run folder's model (offline)"),
+    ("serve", "retain.commands.serve", "serve a model over HTTP: predict, learn, versions"),
+    ("sweep", "retain.commands.sweep",
+     "run a grid of runs on Ray (resumable) and write its report"),
+    ("report", "retain.commands.report", "report.md, report.html and results.csv of a sweep"),
+    ("reproduce", "retain.commands.reproduce",
+     "run a shipped reproduction sweep (retain reproduce --list)"),
 ]
 
 

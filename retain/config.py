@@ -5,8 +5,11 @@ Precedence: defaults < ``--preset NAME`` < ``--config file.yaml`` < explicit com
 published configuration (method, hyper-parameters, dataset, scenario, backbone).
 Method hyper-parameters live under ``params`` (``--set params.lr=0.01``) and are validated
 against the method's signature when the run starts. ``subset`` draws a per-class subset of the
-dataset for quick experiments (``--set subset.train=300``). A misspelt key is an error that
-names the closest valid keys, in the same words whether it came from a file or from ``--set``.
+dataset for quick experiments (``--set subset.train=300``). ``preprocess`` overrides the
+backbone's declared image transform (``--set preprocess.crop_pct=1.0``; keys mean, std,
+crop_pct, interpolation; see ``retain.transforms``), e.g. to match a reference implementation's.
+A misspelt key is an error that names the closest valid keys, in the same words whether it came
+from a file or from ``--set``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import yaml
 from . import params as P
 from .errors import ConfigError
 
+NESTED = ("params", "subset", "preprocess")  # config keys that hold a mapping, merged key by key
+PREPROCESS_KEYS = ("mean", "std", "crop_pct", "interpolation")  # = transforms.OVERRIDABLE
+
 
 @dataclass(kw_only=True)
 class RunConfig:
@@ -32,6 +38,7 @@ class RunConfig:
     backbone: str = "efficientnet_lite0"  # a name from `retain list backbones`
     weights: str | None = None  # local weights file instead of the backbone's default source
     image_size: int | None = None  # input resolution; None: the backbone's own
+    preprocess: dict[str, Any] = field(default_factory=dict)  # transform overrides (mean, ...)
     seed: int = 1993  # class order and every random draw
     out: str | None = None  # run folder; None: runs/<method>-<dataset>-<scenario>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:1, mps
@@ -93,13 +100,21 @@ def make_config(file: str | Path | None = None, flags: dict[str, Any] | None = N
     table = P.specs(RunConfig)
     out = P.check(table, RunConfig.constraints, values, "config", kind="config key")
     out["subset"] = checked_subset(out.get("subset", {}))
-    return RunConfig(**out)
+    config = RunConfig(**out)
+    if config.preprocess:  # transforms imports torch: only when there is something to check
+        from .transforms import overrides
+
+        checked = overrides(config.preprocess)  # lists, not tuples: the config round-trips JSON
+        config.preprocess = {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in checked.items()}
+    return config
 
 
 def config_keys() -> list[str]:
     """Every valid key, ``subset.train``-style for nested ones (what "did you mean" draws on)."""
-    keys = [f.name for f in fields(RunConfig) if f.name != "subset"]
-    return keys + [f"subset.{k}" for k in RunConfig.subset_keys]
+    keys = [f.name for f in fields(RunConfig) if f.name not in ("subset", "preprocess")]
+    return (keys + [f"subset.{k}" for k in RunConfig.subset_keys]
+            + [f"preprocess.{k}" for k in PREPROCESS_KEYS])
 
 
 def checked_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -108,10 +123,11 @@ def checked_keys(data: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in data.items():
         if key not in top:
             raise ConfigError(unknown_key(str(key), source))
-        if key == "subset" and isinstance(value, dict):
-            for k in value:
-                if k not in RunConfig.subset_keys:
-                    raise ConfigError(unknown_key(f"subset.{k}", source))
+        for group, valid in (("subset", RunConfig.subset_keys), ("preprocess", PREPROCESS_KEYS)):
+            if key == group and isinstance(value, dict):
+                for k in value:
+                    if k not in valid:
+                        raise ConfigError(unknown_key(f"{group}.{k}", source))
     return data
 
 
@@ -133,9 +149,9 @@ def checked_subset(subset: dict[str, Any]) -> dict[str, int]:
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``; method ``params`` and ``subset`` are merged key by key."""
+    """``top`` over ``base``; ``params``, ``subset`` and ``preprocess`` are merged key by key."""
     out = base | top
-    for key in ("params", "subset"):
+    for key in NESTED:
         if isinstance(base.get(key), dict) and isinstance(top.get(key), dict):
             out[key] = base[key] | top[key]
     return out
@@ -176,20 +192,33 @@ def _where(e: yaml.YAMLError) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
+def preprocess_value(key: str, text: str) -> Any:
+    """A ``--set preprocess.KEY=VALUE`` value read as YAML ('[0.5, 0.5, 0.5]', '1.0', 'bicubic')."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}={text}: not a value (give a number, a list such as "
+                          "[0.5, 0.5, 0.5], or a name)") from None
+
+
 def apply_set(values: dict[str, Any], item: str) -> None:
-    """'key=value', 'params.key=value' or 'subset.train=n' into ``values`` (values are parsed
+    """'key=value', 'params.key=value', 'subset.train=n' or 'preprocess.key=value' into
+    ``values`` (values are parsed
     later, by type)."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, value = item.split("=", 1)
     key = key.strip()
-    for group in ("params", "subset"):
+    for group in ("params", "subset", "preprocess"):
         if key.startswith(group + "."):
-            if group == "subset" and key[7:] not in RunConfig.subset_keys:
+            sub = key[len(group) + 1:]
+            if group == "subset" and sub not in RunConfig.subset_keys:
                 raise ConfigError(unknown_key(key, f"--set {item}"))
-            values[group] = dict(values.get(group) or {}) | {key[len(group) + 1:]: value}
+            if group == "preprocess":
+                value = preprocess_value(key, value)
+            values[group] = dict(values.get(group) or {}) | {sub: value}
             return
-    if key not in {f.name for f in fields(RunConfig)} or key in ("params", "subset"):
+    if key not in {f.name for f in fields(RunConfig)} or key in NESTED:
         raise ConfigError(unknown_key(key, f"--set {item}"))
     values[key] = None if value.strip().lower() in ("null", "none", "~") else value
 

@@ -9,6 +9,10 @@ class ConfigError(RetainError, ValueError):
     """An unknown, ill-typed or conflicting configuration key or hyper-parameter."""
 
 
+class StateError(RetainError, ValueError):
+    """A saved state (checkpoint) that cannot be loaded as it is in this installation."""
+
+
 class DataError(RetainError, FileNotFoundError):
     """A dataset that is missing, malformed or not where it was looked for."""
 
@@ -23,3 +27,12 @@ class IntegrityError(RetainError, ValueError):
 
 class RunLockedError(RetainError):
     """A run folder (or other resource) that another live retain process holds."""
+
+
+class ServeError(RetainError):
+    """A request the model server refuses (bad upload, over a limit, wrong state), with the HTTP
+    status it answers (401, 404, 409, 413, 422, ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status

@@ -67,6 +67,7 @@ def build(config: RunConfig, echo=lambda *_: None, dist: Dist | None = None) -> 
         scenario = with_task_order(scenario, config.task_order)
     echo(f"loading backbone {config.backbone} ...")
     backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    backbone.preprocess = backbone.preprocess.with_overrides(config.preprocess)  # the effective
     method = create_method(config.method, backbone, **config.params)
     if isinstance(scenario, TaskFree):
         check_task_free(method)
@@ -221,20 +222,59 @@ def new_results(r: Run) -> dict:
     return {"format": RESULTS_FORMAT, "config": r.config.to_dict(), "method": r.method.name,
             "hparams": r.method.hparams(), "tags": sorted(r.method.tags),
             "uses_batch_information": r.method.uses_batch_information,
-            "backbone": r.method.backbone.describe(), "dataset": r.scenario.bundle.source
+            "backbone": r.method.backbone.describe(),
+            "preprocess": r.method.backbone.preprocess.describe(),  # the effective transform
+            "dataset": r.scenario.bundle.source
             | {"name": r.scenario.bundle.name}, "class_order": r.scenario.class_order.tolist(),
             "class_names": list(r.scenario.class_names), "num_tasks": len(r.scenario),
             "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,
             **({"task_free_segment": r.scenario.segment} if isinstance(r.scenario, TaskFree)
                else {}),
-            "environment": environment(r.ctx.device)
+            "environment": environment(r.ctx.device, r.scenario.bundle)
             | ({"processes": r.ctx.dist.world_size} if r.ctx.dist.active else {}),
             "stages": []}
 
 
-def environment(device: torch.device) -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "device": str(device)}
+def environment(device: torch.device, bundle=None) -> dict:
+    """The fingerprint that explains most reproduction differences: versions, device, the
+    retain commit and, given the run's ``bundle``, the dataset's content keys and sizes (the
+    weights' sha256 is in ``results["backbone"]``)."""
+    import importlib.metadata
+    import os
+    import subprocess
+
+    import timm
+
+    env = {"python": sys.version.split()[0], "torch": torch.__version__,
+           "timm": timm.__version__, "numpy": np.__version__, "platform": platform.platform(),
+           "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_name(),
+           "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        env |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    try:
+        env["retain"] = importlib.metadata.version("retain")
+    except importlib.metadata.PackageNotFoundError:
+        env["retain"] = None
+    try:
+        env["retain_commit"] = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["retain_commit"] = None
+    if bundle is not None:
+        env["dataset_key"] = {"train": bundle.train.key, "test": bundle.test.key}
+        env["dataset_size"] = {"train": len(bundle.train), "test": len(bundle.test)}
+    return env
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def save_stage(r: Run, results: dict, stage: dict, state: dict[str, torch.Tensor],

@@ -1,18 +1,24 @@
 """The one epoch loop, and the classifier training/prediction shared by the baselines.
 
 ``fit`` is an explicit loop (nanoGPT style): SGD with momentum and a cosine schedule to 0, as
-LAMDA-PILOT's learners use; the caller supplies how a batch of positions becomes an input.
+LAMDA-PILOT's learners use; the caller supplies how a batch of positions becomes an input. The
+schedule steps once per epoch (``schedule_unit="epoch"``, as LAMDA-PILOT and the official codes
+of RanPAC, APER, EASE, SLCA, LayUP, ... step ``CosineAnnealingLR(T_max=epochs)``: epoch e of E
+runs at lr·(1 + cos(πe/E))/2, the first at the full rate) or once per batch (``"step"``: the
+cosine runs over every step of the run).
 
 The helpers at the bottom train and query the network of a classic baseline (``finetune`` and
 its subclasses ``lwf``, ``ewc``, ``icarl``, ``replay``, ``joint``): a method ``m`` with
 ``net_`` (a backbone copy, None when frozen), ``head_`` and the optimiser settings ``epochs``,
-``lr``, ``batch_size``, ``weight_decay``, ``momentum``.
+``lr``, ``batch_size``, ``weight_decay``, ``momentum``. These baselines have no single official
+code; their cosine steps per batch (a 1-epoch run still decays).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,6 +33,7 @@ from .layers.distill import Carry, kd_loss
 from .transforms import Augment
 
 Inputs = Callable[[np.ndarray], torch.Tensor]
+ScheduleUnit = Literal["epoch", "step"]  # when a learning-rate schedule steps
 
 
 def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *, epochs: int,
@@ -34,17 +41,18 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         momentum: float = 0.9, generator: torch.Generator, loss_fn: Callable | None = None,
         desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        clip_grad: float | None = None) -> list[float]:
+        schedule_unit: ScheduleUnit = "epoch", clip_grad: float | None = None) -> list[float]:
     """Train ``model``'s trainable parameters; returns the mean loss of each epoch.
 
     ``inputs(pos)`` gives a tensor or a tuple of tensors (then ``model(*x)``, e.g. images and
     their queries for prompt methods); ``loss_fn(output, y)``. ``clip_grad``: clip the global
-    gradient norm to this value before each step.
+    gradient norm to this value before each step (None: no clipping).
 
-    Give ``lr`` (SGD over the trainable parameters, cosine to 0 over every step), or your own
-    ``optimizer`` (e.g. parameter groups with their own learning rates; ``weight_decay`` and
-    ``momentum`` are then its own) with an optional ``scheduler`` stepped after every batch
-    (None: constant rates).
+    Give ``lr`` (SGD over the trainable parameters, cosine to 0), or your own ``optimizer``
+    (e.g. parameter groups with their own learning rates; ``weight_decay`` and ``momentum`` are
+    then its own) with an optional ``scheduler`` (None: constant rates). ``schedule_unit``: the
+    schedule steps after every epoch ("epoch"; the default cosine then spans ``epochs``) or after
+    every batch ("step"; it spans every step of the run).
 
     Several processes (``ctx.dist``, torchrun): ``batch_size`` is the global batch. Every rank
     draws the same permutation and builds the same global batch (``inputs(pos)``: so random
@@ -53,10 +61,12 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
     before the clip and the step: one step of N ranks x b equals one process with N·b for any
     loss that is a per-sample mean plus batch-independent terms.
     """
+    if schedule_unit not in ("epoch", "step"):
+        raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {schedule_unit!r}")
     loss_fn = loss_fn or F.cross_entropy
     n = len(targets)
-    opt, sched = _optimizer(model, epochs * math.ceil(n / batch_size), lr, weight_decay,
-                            momentum, optimizer, scheduler)
+    horizon = epochs if schedule_unit == "epoch" else epochs * math.ceil(n / batch_size)
+    opt, sched = _optimizer(model, horizon, lr, weight_decay, momentum, optimizer, scheduler)
     model.to(ctx.device).train()
     losses = []
     bar = progress_bar(ctx, epochs * n, desc)
@@ -78,8 +88,10 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                          clip_grad)
             opt.step()
-            if sched is not None:
+            if sched is not None and schedule_unit == "step":
                 sched.step()
+        if sched is not None and schedule_unit == "epoch":
+            sched.step()
         losses.append(ctx.dist.sum(total) / n)
     bar.close()
     ctx.dist.same_state(model, generator)
@@ -99,7 +111,8 @@ def _to(x, device):
 
 
 def _optimizer(model, steps, lr, weight_decay, momentum, optimizer, scheduler):
-    """The caller's (optimizer, scheduler), or SGD + cosine over ``steps`` at ``lr``."""
+    """The caller's (optimizer, scheduler), or SGD + cosine over ``steps`` (epochs or batches)
+    at ``lr``."""
     if (lr is None) == (optimizer is None):
         raise ValueError("fit needs exactly one of lr (default SGD + cosine) or optimizer")
     if optimizer is not None:
@@ -111,9 +124,11 @@ def _optimizer(model, steps, lr, weight_decay, momentum, optimizer, scheduler):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
 
-def image_inputs(backbone: Backbone, split: Split) -> Inputs:
-    """Positions -> preprocessed images of ``split`` (B, 3, S, S)."""
-    return lambda pos: backbone.preprocess(split, pos)
+def image_inputs(backbone: Backbone, split: Split, *, augment: Augment | None = None,
+                 generator: torch.Generator | None = None) -> Inputs:
+    """Positions -> preprocessed images of ``split`` (B, 3, S, S); with ``augment``, training
+    views drawn from ``generator`` (random resized crop of the original image + flip)."""
+    return lambda pos: backbone.preprocess(split, pos, augment, generator)
 
 
 def feature_inputs(features: torch.Tensor) -> Inputs:
@@ -169,10 +184,9 @@ def query_inputs(backbone: Backbone, split: Split, ctx: Context, *,
     cached = None if augment is not None else ctx.features(backbone, split)  # (N, D)
 
     def inputs(pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = backbone.preprocess(split, pos)  # (B, 3, S, S)
+        x = backbone.preprocess(split, pos, augment, generator)  # (B, 3, S, S)
         if cached is not None:
             return x, cached[torch.from_numpy(pos)]
-        x = augment(x, generator)
         with torch.no_grad():
             q = backbone.model.to(ctx.device).eval()(x.to(ctx.device)).float()  # (B, D)
         return x, q
@@ -221,7 +235,8 @@ def fit_with(m, inputs: Inputs, targets, ctx: Context, generator: torch.Generato
         m.net_.requires_grad_(True)
     return fit(Carry(network(m)), inputs, torch.as_tensor(targets), ctx, epochs=m.epochs,
                lr=m.lr, batch_size=m.batch_size, weight_decay=m.weight_decay,
-               momentum=m.momentum, generator=generator, loss_fn=loss_fn, desc=f"{m.name} task")
+               momentum=m.momentum, generator=generator, loss_fn=loss_fn, desc=f"{m.name} task",
+               schedule_unit="step")
 
 
 def train(m, split: Split, ctx: Context, generator: torch.Generator) -> list[float]:
@@ -234,7 +249,7 @@ def train(m, split: Split, ctx: Context, generator: torch.Generator) -> list[flo
         m.net_.requires_grad_(True)
     return fit(model, inputs, targets, ctx, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size,
                weight_decay=m.weight_decay, momentum=m.momentum, generator=generator,
-               desc=f"{m.name} task")
+               desc=f"{m.name} task", schedule_unit="step")
 
 
 def predict(m, split: Split, ctx: Context) -> torch.Tensor:

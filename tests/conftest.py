@@ -141,3 +141,19 @@ def _final_counts(name: str, params: tuple, scenario: str, per_class: tuple[int,
     for task in sc:
         m.learn(task, ctx)
     return evaluate(m, sc[:], ctx, len(sc) - 1)
+
+
+# -- retain serve: a finished run folder on a tiny backbone (tests/test_serve*.py) --------------
+
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory):
+    """A finished `retain run` folder: SimpleCIL on scikit-learn digits (8x8 gray arrays),
+    B0Inc5, the random 16-px ViT: two tasks, 10 classes, seconds to make."""
+    from retain.config import RunConfig
+    from retain.runner import run
+
+    out = tmp_path_factory.mktemp("serve") / "run"
+    run(RunConfig(method="simplecil", dataset="digits", scenario="B0Inc5",
+                  backbone="vit_tiny_random", image_size=16, out=str(out), cache=False,
+                  device="cpu"), progress=False, echo=lambda *a: None)
+    return out

@@ -78,6 +78,32 @@ def test_kmeans_guards_empty_clusters():
     torch.testing.assert_close(cent[assign[0]], torch.tensor([0.05, 0.0]))
 
 
+@pytest.mark.parametrize("shuffle", ["shared", "per_layer"])
+def test_kmeans_starts_from_one_order_or_one_per_layer(shuffle, monkeypatch):
+    """The official ``k_means_clustering`` shuffles the tasks afresh inside its layer loop."""
+    import retain.methods.apd as apd
+
+    starts = []
+
+    def recording(points, init, iters):
+        starts.append([int((points == row).all(1).nonzero()[0]) for row in init])  # task ids
+        return kmeans(points, init, iters)
+
+    monkeypatch.setattr(apd, "kmeans", recording)
+    m = create_method("apd", create_backbone("pixels", image_size=8), conv_channels=(),
+                      hidden=(6, 5, 4), cluster_every=1, kmeans_shuffle=shuffle)
+    g = torch.Generator().manual_seed(0)
+    m.net_ = m._build()
+    m.net_.reset(g)
+    for _ in range(6):
+        m.net_.add_task(2, g)
+        for layer in m.net_.layers:  # distinct adaptive parts
+            layer.adaptive[-1].data.normal_(generator=g)
+    m._consolidate(6, g)
+    assert len(starts) == len(m.net_.layers) == 3
+    assert (len({tuple(s) for s in starts}) == 1) == (shuffle == "shared"), starts
+
+
 def test_consolidation_shares_close_entries_and_keeps_the_others():
     layer = layer_with_tasks(3, shape=(1, 4))
     with torch.no_grad():

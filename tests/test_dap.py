@@ -168,6 +168,30 @@ def test_training_moves_only_the_current_tasks_key_and_embedding(tiny_vit, scena
     assert all(g.mixer.weight.any() for g in gens)  # task 0 did train them
 
 
+def test_one_optimiser_for_the_run_carries_its_moments_and_resumes_exactly(tiny_vit, scenario):
+    """optimizer_scope="run" (the official trainer): task 0's moments keep moving key 0, its
+    embedding and the frozen mixers in task 1 (torch 1.11 zero grads); a run resumed from the
+    state after task 0 ends bit-identical to the uninterrupted one."""
+    run = {"optimizer_scope": "run", "epochs": 2}
+    m, ctx = _learned(tiny_vit, scenario, **run)
+    assert any(k.startswith("opt.keys.keys.") for k in m.state_dict())
+    resumed = create_method("dap", tiny_vit, **FAST | run)
+    resumed.load_state_dict(m.state_dict())
+    net = m.net_
+    keys, emb = net.keys.keys.detach().clone(), net.task_emb.detach().clone()
+    mixers = [g.mixer.weight.detach().clone() for g in net.gens.generators]
+    m.learn(scenario[1], ctx)
+    assert not torch.equal(net.keys.keys[0], keys[0]) and torch.equal(net.keys.keys[2], keys[2])
+    assert not torch.equal(net.task_emb[0], emb[0])
+    gens = net.gens.generators
+    assert not any(p.requires_grad for g in gens for p in g.mixer.parameters())
+    assert not all(torch.equal(g.mixer.weight, w) for g, w in zip(gens, mixers, strict=True))
+    resumed.learn(scenario[1], Context())
+    after, again = m.state_dict(), resumed.state_dict()
+    assert after.keys() == again.keys()
+    assert all(torch.equal(after[k], again[k]) for k in after), "resume is not exact"
+
+
 def test_more_tasks_than_keys_is_an_error(tiny_vit, scenario):
     m, ctx = _learned(tiny_vit, scenario, tasks=2, pool_size=2)
     with pytest.raises(ValueError, match="pool_size"):

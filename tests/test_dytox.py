@@ -53,6 +53,17 @@ def test_task_attention_updates_only_the_token_with_a_token_query():
     assert not torch.allclose(block(token, bumped), out)
 
 
+def test_every_layernorm_has_convit_s_eps():
+    """DyTox builds ConViT's blocks and ContinualClassifier with nn.LayerNorm: eps 1e-5."""
+    from retain.layers.dytox import build_dytox
+
+    net = build_dytox(16, 3, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
+                      drop_path=0.0)
+    net.add_task(2, divergence=True)
+    eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps == {1e-5}
+
+
 def test_old_task_embeddings_do_not_depend_on_later_tokens():
     m = create_method("dytox", create_backbone("pixels_rgb", image_size=16), **TINY)
     net = m._build().eval()

@@ -61,6 +61,24 @@ def test_prompt_frozen_after_task_0_and_old_stages_unchanged(tiny_vit, scenario)
     assert torch.equal(fresh.token.detach(), tiny_vit.model.cls_token.detach())
 
 
+def test_released_option_keeps_training_the_prompt_and_predicts_with_the_last(tiny_vit,
+                                                                             scenario):
+    """prompt_training=every_task (the released main.py/trainer.py): the prompt moves in task 1
+    too, old stages stay as they were, and every stage is then scored with the new prompt."""
+    m, ctx = create_method("esn", tiny_vit, **FAST, prompt_training="every_task"), Context()
+    m.learn(scenario[0], ctx)
+    prompt = m.prompt_.detach().clone()
+    stage0 = {k: v.clone() for k, v in m.stages_[0].state_dict().items()}
+    m.learn(scenario[1], ctx)
+    assert not torch.equal(m.prompt_, prompt) and not m.prompt_.requires_grad
+    assert all(torch.equal(v, m.stages_[0].state_dict()[k]) for k, v in stage0.items())
+    test = scenario[1].test
+    with torch.no_grad():
+        x = tiny_vit.preprocess(test, np.arange(len(test)))
+        expected = m.stages_[0](m.tokens(x))  # stage 0's head on tokens made with the new prompt
+    torch.testing.assert_close(m._stage_logits(test, ctx)[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_one_trunk_pass_per_image_whatever_the_stage_count(tiny_vit, scenario):
     m, ctx = create_method("esn", tiny_vit, **FAST), Context(batch_size=64)
     for task in scenario:

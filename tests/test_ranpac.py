@@ -64,6 +64,21 @@ def test_cosine_head_option(tiny_vit, scenario):
     assert z.abs().max() <= 1.0 + 1e-5
 
 
+def test_vpt_is_ranpac_s_own(tiny_vit, scenario, monkeypatch):
+    """inc_net.py: 5 zero-initialised tokens per block appended after the patch tokens."""
+    import retain.adaptation as adaptation
+
+    monkeypatch.setattr(adaptation, "fit", lambda *a, **k: [])  # the prompts as initialised
+    m = create_method("ranpac", tiny_vit, peft="vpt_deep", epochs=1, projection_dim=8)
+    m.learn(scenario[0], Context())
+    vpt = m.tuned_
+    assert vpt.placement == "pilot" and vpt.prompts.shape == (2, 5, 48)  # (blocks, p, D)
+    assert not vpt.prompts.any()
+    back = create_method("ranpac", tiny_vit, peft="vpt_deep", epochs=1, projection_dim=8)
+    back.load_state_dict(m.state_dict())
+    assert back.tuned_.placement == "pilot"
+
+
 @pytest.mark.slow
 def test_real_weights_beat_the_finetune_lower_bound():
     """EfficientNet-Lite0 (ImageNet) on a MNIST-5k subset, B0Inc2: RanPAC without adaptation

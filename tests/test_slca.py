@@ -85,6 +85,27 @@ def test_default_keeps_aligned_heads_restore_heads_restores_stage1(tiny_vit, sce
     assert kept.stage1_ is None
 
 
+def test_fresh_norm_option_resets_the_final_layernorm(scenario):
+    """convs/vits.py: ``del model.norm; model.norm = nn.LayerNorm(768)`` before training."""
+    bb = create_backbone("vit_tiny_random", image_size=16)
+    with torch.no_grad():
+        bb.model.norm.weight.fill_(2.0)
+        bb.model.norm.bias.fill_(0.5)  # a pre-trained norm that is not the identity
+    params = {**FAST, "epochs": 1, "backbone_lr_scale": 0.0, "ca_epochs": 0}  # trunk unchanged
+    kept, fresh = (create_method("slca", bb, **params, fresh_norm=f) for f in (False, True))
+    for m in (kept, fresh):
+        m.learn(scenario[0], fresh_ctx())
+    assert torch.equal(kept.body_.model.norm.weight, bb.model.norm.weight)
+    norm = fresh.body_.model.norm
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and norm.eps == 1e-5
+    assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    back = create_method("slca", bb, **params, fresh_norm=True)
+    back.load_state_dict(fresh.state_dict())
+    assert back.body_.model.norm.eps == 1e-5 and back.body_.key == fresh.body_.key
+    x = bb.preprocess(scenario[0].test, np.arange(4))
+    assert not torch.allclose(kept.body_.model(x), fresh.body_.model(x))
+
+
 def test_backbone_is_a_slow_learner(tiny_vit, scenario, monkeypatch):
     optimizers, fit = [], slca_module.fit
 

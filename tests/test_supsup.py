@@ -134,6 +134,30 @@ def test_learning_a_task_leaves_earlier_tasks_bit_identical_with_per_task_bn(bun
     assert torch.equal(copy.predict(stream[1].test, c, ids), m.predict(stream[1].test, c, ids))
 
 
+def test_state_refuses_frozen_weights_regenerated_differently(bundle, monkeypatch):
+    """The weights come back from the seed; their SHA-256 in the state must match, or loading
+    stops with a StateError (a generator that draws other numbers)."""
+    import hashlib
+
+    import retain.layers.masked as masked
+    from retain.errors import StateError
+
+    backbone = create_backbone("pixels", image_size=16)
+    m = create_method("supsup", backbone, epochs=1, batch_size=8)
+    m.learn(tiny_til(bundle)[0], ctx())
+    state = m.state_dict()
+    raw = b"".join(layer.weight.numpy().tobytes() for layer in m.net_.masked_layers())
+    assert bytes(state["weights_sha256"].tolist()) == hashlib.sha256(raw).digest()
+    create_method("supsup", backbone).load_state_dict(state)  # same generator: loads
+    create_method("supsup", backbone).load_state_dict(
+        {k: v for k, v in state.items() if k != "weights_sha256"})  # older states: no check
+    uniform = masked.seeded_uniform
+    monkeypatch.setattr(masked, "seeded_uniform", lambda shape, bound, seed:
+                        uniform(shape, bound, seed + 1))  # another generator's numbers
+    with pytest.raises(StateError, match="regenerates other frozen weights"):
+        create_method("supsup", backbone).load_state_dict(state)
+
+
 def test_gem_resnet18_of_masked_layers_matches_gem_and_isolates_tasks(bundle):
     """SupSup's GEMResNet18 (SplitCIFAR100): the masked network has the plain reduced
     ResNet-18's conv weights (nf 20) plus a bias-free head; per-task BN keeps task 0 intact."""

@@ -50,7 +50,7 @@ class Backbone:
 
     def describe(self) -> dict:
         return {**self.identity, "feature_dim": self.feature_dim,
-                "preprocess": vars(self.preprocess) | {}}
+                "preprocess": self.preprocess.describe()}
 
 
 BackboneFactory = Callable[..., Backbone]

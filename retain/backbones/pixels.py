@@ -58,3 +58,17 @@ def _pixels(name: str, size: int, mean, std, gray: bool) -> Backbone:
     ident = {"name": name, "source": "retain (no weights)", "weights": None,
              "sha256": hashlib.sha256(name.encode()).hexdigest(), "pretrained": False}
     return Backbone(name, nn.Identity(), dim, pre, ident)
+
+
+@register_backbone("pixels01", BackboneSpec("pixels", 28))
+def pixels01(weights=None, image_size=None) -> Backbone:
+    """Raw gray pixels in [0, 1], not standardised: DEN's demo input (``DEN_run.py`` feeds the
+    TF MNIST reader's [0, 1] images)."""
+    return _pixels("pixels01", image_size or 28, (0.0,) * 3, (1.0,) * 3, gray=True)
+
+
+@register_backbone("pixels_rgb01", BackboneSpec("pixels", 32))
+def pixels_rgb01(weights=None, image_size=None) -> Backbone:
+    """Raw RGB pixels in [0, 1], not standardised: APD's official input (its loaders only
+    divide by 255), S = 32."""
+    return _pixels("pixels_rgb01", image_size or 32, (0.0,) * 3, (1.0,) * 3, gray=False)

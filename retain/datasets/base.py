@@ -14,6 +14,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -83,12 +84,16 @@ class Split:
                      size=sizes.pop() if len(sizes) == 1 else None)
 
 
-def decode_image(path: str | os.PathLike) -> Image.Image:
-    """The image file ``path`` as RGB; a ``DataError`` naming the file for anything but a
-    regular, non-empty file that decodes (in a format of ``IMAGE_FORMATS``) to at most
-    ``MAX_PIXELS`` pixels. A FIFO never blocks; truncated files, junk and bombs never pass."""
+def decode_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """The image file ``path`` (or an in-memory binary stream, as ``retain serve`` keeps uploads)
+    as RGB; a ``DataError`` naming the file for anything but a regular, non-empty file that
+    decodes (in a format of ``IMAGE_FORMATS``) to at most ``MAX_PIXELS`` pixels. A FIFO never
+    blocks; truncated files, junk and bombs never pass."""
     from ..io import open_regular
 
+    if hasattr(path, "read"):  # already open: bytes held in memory
+        path.seek(0)
+        return _decode(path, "uploaded image")
     try:
         f = open_regular(path)
     except RetainError as e:
@@ -96,25 +101,30 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     with f:
         if os.fstat(f.fileno()).st_size == 0:
             raise DataError(f"image {path} is empty (0 bytes); delete or replace it")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                Image.init()  # registers every plugin (idempotent); older PIL opens MPO apart
-                with Image.open(f, formats=[x for x in IMAGE_FORMATS if x in Image.OPEN]) as im:
-                    w, h = im.size
-                    if w * h > MAX_PIXELS:
-                        raise DataError(f"image {path} is {w}x{h} pixels, more than the "
-                                        f"{MAX_PIXELS} allowed (a decompression bomb?); "
-                                        "shrink or remove it")
-                    return im.convert("RGB")
-        except DataError:
-            raise
-        except Image.UnidentifiedImageError as e:
-            raise DataError(f"image {path} is not a readable {'/'.join(IMAGE_FORMATS)} file; "
-                            "delete or replace it") from e
-        except Exception as e:  # PIL raises many types on malformed data
-            raise DataError(f"image {path} cannot be decoded ({type(e).__name__}: "
-                            f"{str(e)[:120]}); delete or replace it") from e
+        return _decode(f, path)
+
+
+def _decode(f: BinaryIO, path) -> Image.Image:
+    """The image in the open stream ``f`` as RGB (see ``decode_image``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.init()  # registers every plugin (idempotent); older PIL opens MPO apart
+            with Image.open(f, formats=[x for x in IMAGE_FORMATS if x in Image.OPEN]) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise DataError(f"image {path} is {w}x{h} pixels, more than the "
+                                    f"{MAX_PIXELS} allowed (a decompression bomb?); "
+                                    "shrink or remove it")
+                return im.convert("RGB")
+    except DataError:
+        raise
+    except Image.UnidentifiedImageError as e:
+        raise DataError(f"image {path} is not a readable {'/'.join(IMAGE_FORMATS)} file; "
+                        "delete or replace it") from e
+    except Exception as e:  # PIL raises many types on malformed data
+        raise DataError(f"image {path} cannot be decoded ({type(e).__name__}: "
+                        f"{str(e)[:120]}); delete or replace it") from e
 
 
 def content_key(data: np.ndarray) -> str:

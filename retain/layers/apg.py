@@ -1,17 +1,24 @@
 """APG's pieces: the Adaptive Prompt Generator, its per-class extra tokens, the proxy classifier,
-the attention loss, the centre library and the warm-up + cosine schedule (Tang et al., "When
-Prompt-based Incremental Learning Does Not Meet Strong Pretraining", ICCV 2023; official code
-TOM-tym/APG).
+the attention loss and the centre library (Tang et al., "When Prompt-based Incremental Learning
+Does Not Meet Strong Pretraining", ICCV 2023; official code TOM-tym/APG). Its warm-up + cosine
+schedule is ``retain.layers.schedules.warmup_cosine``.
 
 Generator (``inclearn/backbones/Self_Prompts.py``: ``AdaptivePromptGenerator``, ``MyAttention``,
 ``Mlp``, ``ExtraTokens``). For a query token x (B, D) — the class token after the ViT's
 intermediate block — and the extra tokens E (T, D), one per class seen so far:
 
-    u = LN(MLP_in(x))                                   MLP(x) = x + fc2(drop(GELU(fc1(x))))
+    u = LN(MLP_in(x))                                   MLP(x) = drop(fc2(drop(GELU(fc1(x)))))
     q = W_q u,  K = W_k [u; E],  V = W_v [u; E]         per head h (dh = D / H)
     s_h = (q_h · s) K_hᵀ,  s = dh^-½                    raw attention logits (B, H, 1+T)
     a_h = softmax(s_h) · s                              (the reference multiplies by s again)
     p = MLP_out(W_o [a_1 V_1; …; a_H V_H] (+ u if residual))      the prompt (B, 1, D)
+
+The MLPs have no identity path: ``Mlp.forward`` adds its input back (``x += res``) in the first
+partial release (commit 1b358ce) only; the full release that adds the pre-trained setting
+(2c480e3, still the head e928012), the code behind the paper's pre-trained results, comments it
+out. (With the residual, u ≈ LN(x) and p ≈ out + MLP(out): the initial prompt's L1 norm is ~7×
+the official one, which the norm and centre constraints then act on.) The only residual is the
+attention's optional ``+ u`` (``APG_residual``, false in the pre-trained configs).
 
 The raw logits ``s`` feed the attention loss (``attn_type: KLDivTripletWithHardCe``,
 ``inclearn/lib/deit_engine.py``): with the first column (u itself) dropped, every head's row
@@ -39,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gaussian import ClassGaussians
+from .gaussian import ClassGaussians, Regulariser
 
 
-class ResidualMlp(nn.Module):
-    """x + fc2(drop(GELU(fc1(x)))) with dropout after both layers (``Self_Prompts.Mlp``)."""
+class GeneratorMlp(nn.Module):
+    """drop(fc2(drop(GELU(fc1(x))))): ``Self_Prompts.Mlp`` at the head commit, no residual."""
 
     def __init__(self, dim: int, drop: float = 0.1):
         super().__init__()
@@ -51,7 +58,7 @@ class ResidualMlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))  # no identity path
 
 
 class ExtraTokens(nn.Module):
@@ -113,7 +120,7 @@ class PromptGenerator(nn.Module):
         if dim % heads:
             raise ValueError(f"apg: width {dim} is not divisible by {heads} generator heads")
         self.heads, self.residual = heads, residual
-        self.mlp_in, self.mlp_out = ResidualMlp(dim, drop), ResidualMlp(dim, drop)
+        self.mlp_in, self.mlp_out = GeneratorMlp(dim, drop), GeneratorMlp(dim, drop)
         self.norm = nn.LayerNorm(dim)
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
         for m in self.modules():
@@ -195,8 +202,9 @@ class CenterLibrary:
     """The centre library: Gaussians of the intermediate class token and of the prompted
     feature, and the mean prompt, of every class learned so far."""
 
-    def __init__(self, dim: int, eps: float):
-        self.query, self.feature = ClassGaussians(dim, eps), ClassGaussians(dim, eps)
+    def __init__(self, dim: int, eps: float, reg: Regulariser = "identity"):
+        self.query = ClassGaussians(dim, eps, reg)
+        self.feature = ClassGaussians(dim, eps, reg)
         self.prompts = torch.zeros(0, dim)  # (C, D), rows in the order of query.labels
 
     def __len__(self) -> int:
@@ -204,7 +212,7 @@ class CenterLibrary:
 
     def extended(self, query, prompts, feats, targets, classes) -> CenterLibrary:
         """A copy with the statistics of ``classes`` added (self is left as it is)."""
-        out = CenterLibrary(self.prompts.shape[1], self.query.eps)
+        out = CenterLibrary(self.prompts.shape[1], self.query.eps, self.query.reg)
         out.load(self.state())
         out.query.add(query, targets, classes)
         out.feature.add(feats, targets, classes)
@@ -233,24 +241,3 @@ class CenterLibrary:
         self.query.load(state, "lib.query.")
         self.feature.load(state, "lib.feature.")
         self.prompts = state["lib.prompts"].float()
-
-
-# ----------------------------------------------------------------------------------- schedule
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, *,
-                  warmup_epochs: int, warmup_lr: float, min_lr: float
-                  ) -> torch.optim.lr_scheduler.LambdaLR:
-    """timm's per-epoch ``CosineLRScheduler`` (no warm-up prefix), stepped every batch: epoch
-    e < W runs at warmup_lr + e·(lr − warmup_lr)/W, later ones at
-    min_lr + ½(lr − min_lr)(1 + cos(π e / E)); each group scales by its own base rate."""
-    base = optimizer.param_groups[0]["lr"]
-
-    def factor(step: int) -> float:
-        e = step // max(1, steps_per_epoch)
-        if e < warmup_epochs:
-            lr = warmup_lr + e * (base - warmup_lr) / warmup_epochs
-        else:
-            lr = min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * e / max(1, epochs)))
-        return lr / base
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

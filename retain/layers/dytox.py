@@ -3,7 +3,8 @@ Learning with DYnamic TOken eXpansion", CVPR 2022, arXiv 2111.11326; official co
 arthurdouillard/dytox @4da25c1), used by ``retain.methods.dytox``.
 
 - ``build_dytox``: the shared encoder (timm's ``VisionTransformer`` without class token or final
-  norm, plain self-attention instead of ConViT's GPSA) + one task-attention block;
+  norm, plain self-attention instead of ConViT's GPSA, LayerNorm eps 1e-5 as ConViT's
+  ``nn.LayerNorm``) + one task-attention block;
 - ``DyToxNet``: one task token and one LayerNorm → Linear head (``ContinualClassifier``) per
   task, the divergence head on the last token (training only);
 - ``dytox_loss``: (1 − α) BCE + α τ²·KL + λ_div BCE_div with α = n_old / n_all
@@ -36,7 +37,8 @@ def build_dytox(image_size: int, channels: int, *, patch_size: int, embed_dim: i
         img_size=image_size, patch_size=patch_size, in_chans=channels, num_classes=0,
         global_pool="", class_token=False, final_norm=False, embed_dim=embed_dim, depth=depth,
         num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=False,
-        drop_path_rate=drop_path * (depth - 1) / depth)
+        drop_path_rate=drop_path * (depth - 1) / depth,
+        norm_layer=nn.LayerNorm)  # ConViT's norm_layer 'layer': eps 1e-5 (timm's ViT: 1e-6)
     tab = TaskAttentionBlock(embed_dim, num_heads, mlp_ratio, drop_path=drop_path)
     return DyToxNet(encoder, tab)
 

@@ -7,25 +7,33 @@ APG's centre library (Tang et al., ICCV 2023; ``retain.layers.apg.CenterLibrary`
 per class, of its intermediate class token and of its prompted feature (HiDe-Prompt's
 multi-centroid diagonal statistics are ``retain.layers.hide.ClassCentroids``). Statistics are
 float64 (as ``torch.cov`` in the official code) with ε·I added to Σ_c, so it stays positive
-definite when a class has fewer samples than feature dimensions. A draw is μ' + ε Lᵀ with
-ε ~ N(0, I) from the caller's generator and L the Cholesky factor of Σ_c (computed in float64;
-draws are float32, as the official ``MultivariateNormal(μ.float(), Σ.float())``): the same law,
-but seeded. ``sampler`` factorises once for repeated draws (its factors are half the size of the
-covariances) and can be moved to an accelerator, where the seeded noise drawn on the CPU is used.
+definite when a class has fewer samples than feature dimensions (``reg="all_entries"`` adds ε to
+every entry instead, ε·11ᵀ, as APG's code does outside CIFAR-100/ImageNet-R: that keeps Σ_c
+singular when a class has fewer samples than dimensions, and sampling then fails). A draw is
+μ' + ε Lᵀ with ε ~ N(0, I) from the caller's generator and L the Cholesky factor of Σ_c
+(computed in float64; draws are float32, as the official ``MultivariateNormal(μ.float(),
+Σ.float())``): the same law, but seeded. ``sampler`` factorises once for repeated draws (its
+factors are half the size of the covariances) and can be moved to an accelerator, where the
+seeded noise drawn on the CPU is used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from ..errors import ConfigError
+
+Regulariser = Literal["identity", "all_entries"]
 
 
 class ClassGaussians:
     """Mean (C, D) and covariance (C, D, D), float64, of every class added so far."""
 
-    def __init__(self, dim: int, eps: float = 1e-4):
-        self.eps = eps
+    def __init__(self, dim: int, eps: float = 1e-4, reg: Regulariser = "identity"):
+        self.eps, self.reg = eps, reg
         self.labels = torch.zeros(0, dtype=torch.int64)  # (C,) class label of each row
         self.means = torch.zeros(0, dim, dtype=torch.float64)  # (C, D)
         self.covs = torch.zeros(0, dim, dim, dtype=torch.float64)  # (C, D, D)
@@ -47,8 +55,10 @@ class ClassGaussians:
         if len(x) < 2:
             raise ValueError(f"class {c} has {len(x)} sample(s); a covariance needs 2")
         x = x.double()  # (n, D)
-        eye = torch.eye(x.shape[1], dtype=torch.float64)
-        return x.mean(0), torch.cov(x.T) + self.eps * eye  # (D,), (D, D) unbiased
+        d = x.shape[1]
+        reg = (torch.eye(d, dtype=torch.float64) if self.reg == "identity" else
+               torch.ones(d, d, dtype=torch.float64))  # (D, D) I or 11ᵀ
+        return x.mean(0), torch.cov(x.T) + self.eps * reg  # (D,), (D, D) unbiased
 
     def rows(self, classes) -> torch.Tensor:
         """Row of each of ``classes`` in ``means``/``covs``."""
@@ -64,7 +74,12 @@ class ClassGaussians:
         rows = self.rows(classes)
         scales = torch.ones(len(rows)) if scales is None else scales
         means = scales.double().unsqueeze(1) * self.means[rows]  # (K, D)
-        factors = torch.linalg.cholesky(self.covs[rows])  # (K, D, D) lower triangular
+        factors, info = torch.linalg.cholesky_ex(self.covs[rows])  # (K, D, D) lower triangular
+        if bool(info.any()):
+            bad = [int(c) for c, i in zip(classes, info.tolist(), strict=True) if i]
+            raise ConfigError(f"the covariances of classes {bad[:5]} are not positive definite "
+                             f"(ε={self.eps}, reg={self.reg!r}): use reg='identity' or a larger "
+                             f"ε, or more samples per class than feature dimensions")
         labels = torch.tensor(list(classes), dtype=torch.int64)
         return GaussianSampler(means.float(), factors.float(), labels)
 
@@ -74,15 +89,19 @@ class ClassGaussians:
         return self.sampler(classes, scales)(n, generator)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}labels": self.labels, f"{prefix}means": self.means,
-                f"{prefix}covs": self.covs,
-                f"{prefix}eps": torch.tensor(self.eps, dtype=torch.float64)}
+        out = {f"{prefix}labels": self.labels, f"{prefix}means": self.means,
+               f"{prefix}covs": self.covs,
+               f"{prefix}eps": torch.tensor(self.eps, dtype=torch.float64)}
+        if self.reg == "all_entries":  # absent for ε·I (the states written before the option)
+            out[f"{prefix}all_entries"] = torch.tensor(True)
+        return out
 
     def load(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         self.labels = state[f"{prefix}labels"].long()
         self.means = state[f"{prefix}means"].double()
         self.covs = state[f"{prefix}covs"].double()
         self.eps = float(state[f"{prefix}eps"])
+        self.reg = "all_entries" if f"{prefix}all_entries" in state else "identity"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,15 @@ from torch import nn
 class CosineHead(nn.Module):
     """z_c = σ · <x/‖x‖, w_c/‖w_c‖> (PILOT ``CosineLinear``; Hou et al., LUCIR, CVPR 2019).
 
-    Prototype methods write class means into ``weight``; the argmax does not depend on σ.
+    Prototype methods write class means into ``weight``; the argmax does not depend on σ. σ starts
+    at ``sigma`` and is learned if ``learn_sigma`` (LayUP's first-session head: 30, fixed).
     """
 
-    def __init__(self, dim: int, num_classes: int = 0, learn_sigma: bool = True):
+    def __init__(self, dim: int, num_classes: int = 0, learn_sigma: bool = True,
+                 sigma: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_classes, dim))  # (C, D)
-        self.sigma = nn.Parameter(torch.ones(1), requires_grad=learn_sigma)
+        self.sigma = nn.Parameter(torch.full((1,), sigma), requires_grad=learn_sigma)
 
     @property
     def num_classes(self) -> int:

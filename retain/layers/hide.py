@@ -238,3 +238,14 @@ class TaskView(nn.Module):
         p = self.net.mixed(self.task, self.momentum)  # (K, 2, L, D)
         feats = self.net.features(x, p.expand(len(x), -1, -1, -1, -1))  # (B, D)
         return self.net.head(feats), feats
+
+
+class PromptedFeatures(nn.Module):
+    """Images -> (B, D) features with E-prompt t as it is stored (TAP statistics)."""
+
+    def __init__(self, net: HiDeNet, task: int):
+        super().__init__()
+        self.net, self.task = net, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x, self.net.prompts[self.task].expand(len(x), -1, -1, -1, -1))

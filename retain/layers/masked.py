@@ -26,6 +26,7 @@ gives every sample's own gradient of a per-sample objective with respect to alph
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import StateError
 from .resnet import InjectedBlock
 
 Selector = int | torch.Tensor  # a slot, or (T,) superposition weights over slots 0..T-1
@@ -302,3 +304,24 @@ def unpack_masks(packed: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Ten
     n = math.prod(shape)
     bits = np.unpackbits(packed.cpu().numpy(), axis=1)[:, :n].astype(bool)  # (T, n)
     return [torch.from_numpy(b.copy()).view(shape) for b in bits]
+
+
+def weights_digest(net: SupermaskNet) -> torch.Tensor:
+    """SHA-256 (32 uint8) of the frozen weights of every masked layer, in order: what a state
+    stores instead of the weights, to check that they are regenerated bit for bit."""
+    h = hashlib.sha256()
+    for layer in net.masked_layers():
+        h.update(layer.weight.detach().cpu().contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+
+
+def check_regenerated(net: SupermaskNet, digest: torch.Tensor | None, name: str) -> None:
+    """Refuse a state whose frozen weights ``net`` does not regenerate (None: an older state
+    without a digest, accepted)."""
+    if digest is None:
+        return
+    if not torch.equal(weights_digest(net), digest.to(torch.uint8).cpu()):
+        raise StateError(f"{name}: this installation regenerates other frozen weights than the "
+                         f"run that saved this state (torch's generator or Python's hash "
+                         f"differ); load it with the torch/Python versions of that run, or "
+                         f"start a fresh run")

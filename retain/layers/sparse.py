@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 
 Head = tuple[torch.Tensor, torch.Tensor]  # (width, k) weight, (k,) bias
 
@@ -117,3 +118,12 @@ def duplicate_units(weights: list[torch.Tensor], biases: list[torch.Tensor],
         else:
             head_w = torch.cat([head_w, head_w[idx]], 0)
     return head_w
+
+
+def data_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """DEN's loss: sigmoid cross-entropy on one-hot targets ("bce", the official) or softmax
+    cross-entropy ("ce"); logits (B, k), labels (B,)."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y)
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # (B, k)
+    return F.binary_cross_entropy_with_logits(logits, onehot)

@@ -45,11 +45,13 @@ class TaskAttention(nn.Module):
 
 
 class TaskAttentionBlock(nn.Module):
-    """The TAB: pre-norm task attention and MLP, both residual on the task token only (DyTox:
-    LayerNorm eps 1e-6; ConViT's block as ESN builds it: eps 1e-5, qkv bias, MLP ratio 0.5)."""
+    """The TAB: pre-norm task attention and MLP, both residual on the task token only. LayerNorm
+    eps 1e-5: DyTox and ESN build ConViT's ``Block`` with ``norm_layer=nn.LayerNorm`` (PyTorch's
+    default eps; ``continual/convit.py``, ``continual/dytox.py``); ESN adds qkv bias and MLP
+    ratio 0.5."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 drop_path: float = 0.0, eps: float = 1e-6):
+                 drop_path: float = 0.0, eps: float = 1e-5):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = TaskAttention(dim, num_heads, qkv_bias)

@@ -17,6 +17,11 @@ tensors; empty clusters keep their centroid (the official code yields NaN). At t
 are hard-thresholded at λ_1; checkpoint selection uses the unpruned validation accuracy, as the
 code (pitfall 29).
 
+Inputs: the official loaders only divide by 255 (backbone ``pixels_rgb01``; ``pixels_rgb``
+standardises with CIFAR-100's mean/std). The official k-means draws a fresh random shuffle of
+the tasks for every layer (``tf.random_shuffle`` inside its layer loop):
+``kmeans_shuffle="per_layer"``; the default ``"shared"`` uses one seeded order for all layers.
+
 Followed the official code: τ_t starts as a **copy of σ** (``initializer=sw``), so training starts
 from θ_t = σ ⊗ s(m_t) + σ and the L1 term then sparsifies τ_t (pitfall 29; the paper's text could
 not be checked here, ``tau_init="zeros"`` is the alternative); variance-scaling init of σ, masks,
@@ -70,7 +75,7 @@ class APD(Method):
                  approx: float = 100.0, mask_l1: float = 0.0, cluster_every: int = 5,
                  k_centroids: int = 2, gap: float = 1e-2, kmeans_iters: int = 100,
                  tau_init: Literal["shared", "zeros"] = "shared", val_fraction: float = 0.2,
-                 select_last: int = 5):
+                 select_last: int = 5, kmeans_shuffle: Literal["shared", "per_layer"] = "shared"):
         super().__init__(backbone)
         self.conv_channels = conv_channels  # 5×5 conv layers (LeNet: 20, 50); () for an MLP
         self.hidden = hidden  # fully-connected widths (LeNet: 800, 500)
@@ -89,6 +94,7 @@ class APD(Method):
         self.tau_init = tau_init  # "shared": τ_t ← σ (official code); "zeros"
         self.val_fraction = val_fraction  # held out for checkpoint selection; 0: train on all
         self.select_last = select_last  # pick the best of the last epochs on validation
+        self.kmeans_shuffle = kmeans_shuffle  # per_layer: a new initial order per layer (official)
         self.net_: APDNet | None = None
         self.task_classes_: list[tuple[int, ...]] = []
 
@@ -196,7 +202,9 @@ class APD(Method):
         """k-means over each layer's adaptive parts, then local-shared consolidation."""
         k = min(tasks, max(1, int(self.k_centroids * tasks / self.cluster_every)))
         order = torch.randperm(tasks, generator=g)[:k]
-        for layer in self.net_.layers:
+        for i, layer in enumerate(self.net_.layers):
+            if i and self.kmeans_shuffle == "per_layer":
+                order = torch.randperm(tasks, generator=g)[:k]
             points = torch.stack([layer.full_adaptive(j).flatten() for j in range(tasks)])
             init = points[order].clone()  # (k, P)
             if layer.centroids is not None:

@@ -8,6 +8,10 @@ with a cosine head and cross-entropy; then everything is frozen. Every class (th
 too, after adaptation) gets as prototype the mean of the concatenated features
 [φ_PTM(x); φ_adapted(x)] (2·D), and a test image is scored by cosine similarity to each
 prototype. Cost: two frozen passes per image, each cached once.
+
+The adaptation's cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the
+official ``models/adam_*.py`` and PILOT: ``CosineAnnealingLR(T_max=tuned_epoch)``); ``"step"``
+decays it after every batch instead.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..datasets.base import Split
 from ..layers.heads import CosineHead, class_means
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import ScheduleUnit
 from .base import FROZEN_AFTER_FIRST, VIT_OR_CLIP, Method, Needs, count, register_method
 
 
@@ -45,7 +50,8 @@ class APER(Method):
                                "adapter"] = "adapter",
                  epochs: int = 20, lr: float = 0.01, batch_size: int = 48,
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
-                 vpt_tokens: int = 5, adapter_bottleneck: int = 64):
+                 vpt_tokens: int = 5, adapter_bottleneck: int = 64,
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.peft = peft
         self.epochs = epochs
@@ -56,6 +62,7 @@ class APER(Method):
         self.augment = augment
         self.vpt_tokens = vpt_tokens  # prompt tokens per layer (peft=vpt_shallow / vpt_deep)
         self.adapter_bottleneck = adapter_bottleneck
+        self.schedule_unit = schedule_unit  # cosine stepped per epoch (official) or per batch
         self.adapted_: Backbone | None = None
         self.tuned_: torch.nn.Module | None = None
         self.head_: CosineHead | None = None

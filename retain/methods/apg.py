@@ -18,8 +18,10 @@ a proxy head (K = 10 proxies per class). The trunk runs once per image (a pre-ho
    ‖x‖₁ the mean L1 norm of the intermediate tokens; the last two terms (t > 0) use the centre
    library: c̃ ~ N(μ_c, Σ_c) of an old class's intermediate class tokens, f̃ ~ N(μ'_c, Σ'_c) of its
    prompted features, p̄_c the mean prompt of its training images).
-3. Centre library: Gaussians (full covariance + 1e-6·I) of x_L and f, and p̄, for the new classes
-   (training images, test transform; ``build_center_library``).
+3. Centre library: Gaussians (full covariance + ε·I) of x_L and f, and p̄, for the new classes
+   (training images, test transform; ``build_center_library``); ε = 1e-5 on CIFAR-100/ImageNet-R
+   (the default), else 1e-6 on every entry (``cov_eps: 1e-6, cov_reg: all_entries``; that needs
+   more images per class than dimensions) as ``build_center_lib_loader``.
 4. t ≥ 1 (``finetune_task: [1..10]``): finetune generator + head for 20 + 5·t epochs on library
    draws of every seen class: L = L1(G(c̃), p̄_c) + CE(head(f̃), c), generator in eval mode; then the
    new classes' statistics are recomputed (old classes' never are).
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,12 +54,13 @@ from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss, warmup_cosine
+from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss
 from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
+from ..layers.schedules import warmup_cosine
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit
+from ..training import fit, image_inputs
 from ..transforms import Augment
 from .base import GROWS, VIT, Method, Needs, count, register_method
 
@@ -94,7 +98,8 @@ class APG(Method):
                  memory_ce_coeff: float = 1.0, center_samples: int = 512,
                  finetune_epochs: int = 20, finetune_epochs_per_task: int = 5,
                  finetune_lr: float = 1e-3, finetune_warmup_lr: float = 1e-5,
-                 finetune_min_lr: float = 1e-4, cov_eps: float = 1e-6, augment: bool = True):
+                 finetune_min_lr: float = 1e-4, cov_eps: float = 1e-5,
+                 cov_reg: Literal["identity", "all_entries"] = "identity", augment: bool = True):
         super().__init__(backbone)
         self.immediate_layer = immediate_layer  # the generator reads the class token after it
         self.generator_heads = generator_heads  # attention heads of the prompt generator
@@ -119,6 +124,7 @@ class APG(Method):
         self.finetune_warmup_lr = finetune_warmup_lr  # fine-tuning rate at the start of its warm-up
         self.finetune_min_lr = finetune_min_lr  # floor of the fine-tuning schedule
         self.cov_eps = cov_eps
+        self.cov_reg = cov_reg  # identity: Σ + ε·I (cifar100, imagenetr); all_entries: Σ + ε·11ᵀ
         self.augment = augment
         self.net_: _APGNet | None = None
         self.library_: CenterLibrary | None = None
@@ -138,7 +144,7 @@ class APG(Method):
     def _learn(self, task: Task, ctx: Context) -> None:
         if self.net_ is None:
             self.net_ = self._build(ctx.generator(0, 0))
-            self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps)
+            self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps, self.cov_reg)
         net = self.net_
         net.head.expand(task.num_seen, ctx.generator(task.id, 1))
         net.generator.tokens.freeze()  # frozen_old_prompt
@@ -159,10 +165,9 @@ class APG(Method):
         if not self.epochs:
             return
         g = ctx.generator(task.id, 3)  # batch order, augmentation, library draws
-        augment = Augment() if self.augment else None
-        split, pre = task.train, self.backbone.preprocess
-        inputs = (lambda pos: augment(pre(split, pos), g)) if augment else (
-            lambda pos: pre(split, pos))
+        split = task.train
+        inputs = image_inputs(self.backbone, split,
+                              augment=Augment() if self.augment else None, generator=g)
         draw = self.library_.sampler(ctx.device) if len(self.library_) else None
         per_class = math.ceil(self.center_samples / max(1, len(self.library_)))
 
@@ -180,7 +185,7 @@ class APG(Method):
                               warmup_lr=self.warmup_lr, min_lr=self.min_lr)
         fit(self.net_, inputs, torch.from_numpy(split.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=g, loss_fn=loss, optimizer=opt,
-            scheduler=sched, desc=f"apg task {task.id}")
+            scheduler=sched, schedule_unit="step", desc=f"apg task {task.id}")
 
     def _library_loss(self, centroids, feats, prompts, labels, *, eval_gen: bool) -> torch.Tensor:
         """L1(G(c̃), p̄_c)·constraint + CE(head(f̃), c)·memory CE on library draws."""
@@ -252,7 +257,7 @@ class APG(Method):
             self.net_.generator.tokens.blocks.append(nn.Parameter(state[k]))
         load_without_trunk(self.net_, {k: v for k, v in state.items()
                                        if not k.startswith("lib.")})
-        self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps)
+        self.library_ = CenterLibrary(self.backbone.feature_dim, self.cov_eps, self.cov_reg)
         self.library_.load(state)
 
     def parameter_counts(self) -> dict[str, int]:

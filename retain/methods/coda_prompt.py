@@ -17,8 +17,8 @@ of earlier tasks detached, so they never change) and minimises
 
 where z̃ keeps only the current task's logits. Adam (β = (0.9, 0.999), weight decay 0),
 re-created each task, with the official per-epoch cosine: epoch e runs at
-lr·cos(99π·e / (200(E − 1))) (to ≈ 0.016·lr), here a LambdaLR stepped per batch that holds the
-rate constant within an epoch. At test time every learned component composes; no task id.
+lr·cos(99π·e / (200(E − 1))) (to ≈ 0.016·lr), stepped once per epoch as the official. At test
+time every learned component composes; no task id.
 
 Deviations: the number of tasks is a hyper-parameter (the official code reads it from the
 scenario); a run with more tasks is an error. Gram–Schmidt is exact against trained (no longer
@@ -122,10 +122,9 @@ class CodaPrompt(Method):
 
         trainable = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(trainable, lr=self.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        steps = math.ceil(len(task.train) / self.batch_size)  # batches per epoch
         fit(net, inputs, torch.from_numpy(task.train.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=g, loss_fn=loss, clip_grad=self.clip_grad,
-            optimizer=opt, scheduler=cosine_schedule(opt, self.epochs, steps),
+            optimizer=opt, scheduler=cosine_schedule(opt, self.epochs), schedule_unit="epoch",
             desc=f"coda_prompt task {task.id}")
 
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
@@ -150,11 +149,9 @@ class CodaPrompt(Method):
         return {"trainable": learned, "total": base + learned}
 
 
-def cosine_schedule(opt: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The official ``CosineSchedule`` stepped per batch: epoch e at lr·cos(99π·e/(200(E−1)))."""
-    def factor(step: int) -> float:
-        e = step // steps_per_epoch
+def cosine_schedule(opt: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The official ``CosineSchedule``, stepped per epoch: epoch e at lr·cos(99π·e/(200(E−1)))."""
+    def factor(e: int) -> float:
         return math.cos(99 * math.pi * e / (200 * (epochs - 1))) if epochs > 1 else 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)

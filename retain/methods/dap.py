@@ -25,16 +25,23 @@ the official batch vote (the most frequent top-1 key of the batch gives every sa
 embedding); it leaks the task of task-pure batches, so such runs are labelled as using batch
 information (protocol-pitfalls §1.1; Mammoth ``--enable_test_time_majority_voting``).
 
+``optimizer_scope="run"`` is the official trainer's one optimiser for the whole run (made once
+over every learned parameter, the token mixers included): its moments carry from task to task
+(kept in the state, so a resumed run continues exactly), old keys, embeddings and head rows keep
+moving on their momentum, and parameters left without a gradient get a zero one, as torch 1.11's
+``zero_grad()`` did (``retain.layers.optim_state``), so the frozen mixers drift a little too.
+
 Options of the official ImageNet-R config: ``last_block_tokens=False`` (the last block drops the
 tokens and adds none), ``restrict_to_task=True`` (test logits outside the classes of the chosen
 task are set to −1e10, as ``vit_models.py`` does for ``imagenet_r``), ``optimizer="sgd"``.
 
 Deviations: per-sample selection by default; only the learned tasks' keys compete at test time
 (the official code matches all pool keys); more tasks than keys is an error (the official code
-falls back to the vote); the optimiser is re-created each task (Mammoth; the official one lives
-across tasks); a linear head with nn.Linear's initialisation (official: kaiming, bias −4.6);
-augmentation is a random 0.766-area square crop (≈ resize 256 + random crop 224) and flip on the
-preprocessed image; the token mixer's length follows the ViT's patch grid + prefix tokens.
+falls back to the vote); the optimiser is re-created each task (Mammoth) unless
+``optimizer_scope="run"`` (the official one lives across tasks); a linear head with nn.Linear's
+initialisation (official: kaiming, bias −4.6); augmentation is a random 0.766-area square crop of
+the original image (≈ resize 256 + random crop 224), resized, and flip; the token mixer's length
+follows the ViT's patch grid + prefix tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from ..datasets.base import Split
 from ..layers.dap import DAPGenerators
 from ..layers.heads import IncrementalLinear
 from ..layers.inject import frozen_copy, load_without_trunk, unwrap, without_trunk
+from ..layers.optim_state import keep_zero_grads, load_by_name, state_by_name
 from ..layers.prompts import (
     KeyedPool,
     block_inputs,
@@ -87,7 +95,8 @@ class DAP(Method):
                  lr: float = 0.01, optimizer: Literal["adam", "sgd"] = "adam",
                  batch_size: int = 128, clip_grad: float | None = 1.0, augment: bool = True,
                  last_block_tokens: bool = True, freeze_mixer_after_first: bool = True,
-                 restrict_to_task: bool = False, majority_vote: bool = False):
+                 restrict_to_task: bool = False, majority_vote: bool = False,
+                 optimizer_scope: Literal["task", "run"] = "task"):
         super().__init__(backbone)
         self.num_tokens = num_tokens  # K DAP tokens per block
         self.task_dim = task_dim  # E, size of the task embedding
@@ -103,7 +112,9 @@ class DAP(Method):
         self.freeze_mixer_after_first = freeze_mixer_after_first  # token mixer: task 0 only
         self.restrict_to_task = restrict_to_task  # test logits only for the chosen task
         self.majority_vote = majority_vote  # official batch vote (uses batch information)
+        self.optimizer_scope = optimizer_scope  # run: one optimiser for all tasks (official)
         self.net_: _DAPNet | None = None
+        self.opt_state_: dict[str, torch.Tensor] = {}  # scope "run": the optimiser's moments
 
     @property
     def uses_batch_information(self) -> bool:
@@ -146,12 +157,26 @@ class DAP(Method):
             logits, pull = out
             return task_cross_entropy(logits, y, task.classes) - self.pull_coeff * pull
 
+        opt, named = self._optimizer(net)
         fit(net, inputs, torch.from_numpy(task.train.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=g, loss_fn=loss, clip_grad=self.clip_grad,
-            optimizer=self._optimizer(net), desc=f"dap task {task.id}")
+            optimizer=opt, desc=f"dap task {task.id}")
+        if self.optimizer_scope == "run":
+            self.opt_state_ = state_by_name(opt, named)
 
-    def _optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        trainable = [p for p in net.parameters() if p.requires_grad]
+    def _optimizer(self, net: nn.Module) -> tuple[torch.optim.Optimizer, dict]:
+        """This task's optimiser and its parameters by name; scope "run": over every learned
+        parameter, with the moments of the earlier tasks."""
+        run = self.optimizer_scope == "run"
+        named = {n: p for n, p in net.named_parameters()
+                 if not n.startswith("vit.") and (run or p.requires_grad)}
+        opt = self._make_optimizer(list(named.values()))
+        if run:
+            load_by_name(opt, named, self.opt_state_)
+            keep_zero_grads(opt)
+        return opt, named
+
+    def _make_optimizer(self, trainable: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(trainable, lr=self.lr, momentum=0.9)
         return torch.optim.Adam(trainable, lr=self.lr, betas=(0.9, 0.9), amsgrad=True)
@@ -160,9 +185,11 @@ class DAP(Method):
         return predict_batches(self.net_, query_inputs(self.backbone, split, ctx), len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return without_trunk(self.net_)
+        return without_trunk(self.net_) | {f"opt.{k}": v for k, v in self.opt_state_.items()}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.opt_state_ = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
+        state = {k: v for k, v in state.items() if not k.startswith("opt.")}
         self.net_ = self._build()
         self.net_.head.expand(state["head.weight"].shape[0])
         self.net_.class_task = torch.empty_like(state["class_task"])

@@ -27,22 +27,24 @@ epoch, each step a fresh random minibatch, then an L1 soft threshold ``l1`` on e
 of 256 per phase, sigmoid cross-entropy, lambdas 1e-5 / 1e-4 / 1e-3, drift 0.5, k 10, tau 0.01,
 sigma 0.05). The code's thresholds are constant while the learning rate decays per epoch: on its
 55k images 4300 steps are 20 epochs (lr still x0.36), but on a small set (MNIST-5k: 275 epochs,
-lr ~0) the constant L1 then zeroes the whole network. ``scale_prox`` (default) multiplies both
-thresholds by the decay factor lr_t / lr, as a proximal step with a decaying step size does; it
-equals the code at the start of every phase; ``scale_prox=False`` is the code.
+lr ~0) the constant L1 zeroes the whole network. ``scale_prox`` (default) scales both thresholds
+by lr_t / lr, as a proximal step with a decaying step size does (the code at the start of every
+phase); ``scale_prox=False`` is the code. The demo feeds [0, 1] pixels (backbone ``pixels01``);
+``pixels`` standardises them, which changes the drift norms and so the split/expansion choices.
 
 Where this differs from the official code (spec §3.7), on purpose: step 1(a) runs steps/10 Adam
-steps (the code starts its counter at the stop value, so it makes one update and selects nearly
-every unit); selection reads every output of the head, and heads are as wide as the task's
-classes, for multi-class tasks (the code reads head column 0 only, written for binary
-one-vs-rest tasks); any number of hidden layers (the code hard-codes two, and a 10-class
-timestamp); split takes the *most* drifted candidates (the code keeps the least drifted) and runs
-after every selective retraining, as the paper's Algorithm 1 (the code splits only after an
-expansion); a copy keeps the unit's current outgoing weights (the code gives the current head
-random rows and the copies U(0, 1) biases); no validation early stop (the code's test on a
-10-point moving average changing by < 1e-6 practically never fires). DEN's own metric, mean
-per-class AUROC (``retain.metrics.mean_class_auroc``), is ``DEN.auroc``; the runner reports
-accuracy. Prox steps, unit selection / deletion / duplication: ``retain/layers/sparse.py``.
+steps (the code starts its counter at the stop value: one update, nearly every unit selected);
+selection reads every output of the head, and heads are as wide as the task's classes (the code
+reads head column 0 only, written for binary one-vs-rest tasks); any number of hidden layers (the
+code hard-codes two, and a 10-class timestamp); split takes the *most* drifted candidates (the
+code keeps the least drifted) and runs after every selective retraining, as the paper's
+Algorithm 1 (the code splits only after an expansion); a split gives only the chosen units their
+t-1 bias back, and a copy keeps the unit's current outgoing weights and bias (the code restores
+the t-1 biases of *every* old unit, its ``prev_W_split``, gives the current head random rows and
+the copies U(0, 1) biases); no validation early stop (the code's test on a 10-point moving
+average changing by < 1e-6 practically never fires). DEN's own metric, mean per-class AUROC
+(``retain.metrics.mean_class_auroc``), is ``DEN.auroc``. Prox steps, unit selection / deletion /
+duplication: ``retain/layers/sparse.py``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..context import Context
 from ..datasets.base import Split
@@ -212,7 +213,7 @@ class DEN(Method):
                 group["lr"] = self.lr * decay
             shrink = decay if self.scale_prox else 1.0
             pos = torch.randperm(len(x), generator=gen)[: self.batch_size]
-            loss = self._data_loss(fwd(x[pos]), y[pos])
+            loss = sparse.data_loss(fwd(x[pos]), y[pos], self.loss)
             total = loss + self.l2 / 2 * sum(p.pow(2).sum() for p in params)
             total = total + (penalty() if penalty else 0.0)
             opt.zero_grad(set_to_none=True)
@@ -224,12 +225,6 @@ class DEN(Method):
                 for g in groups:  # a column (a new unit's incoming weights) is a group
                     sparse.group_soft_threshold_(g, self.group_lasso * shrink)
         return float(loss.detach())
-
-    def _data_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss == "ce":
-            return F.cross_entropy(logits, y)
-        onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # (B, k)
-        return F.binary_cross_entropy_with_logits(logits, onehot)
 
     def _detach(self) -> None:
         self.weights_ = [w.detach() for w in self.weights_]

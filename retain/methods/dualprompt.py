@@ -28,7 +28,8 @@ Deviations from the reference code: selection at test time is per sample by defa
 keys of learned tasks compete (the reference code matches all ``pool_size`` keys); more tasks
 than pool entries is an error (the reference silently falls back to key matching in training);
 E-prefixes are gathered per sample with K/V kept apart (the layout DP-pt's ``reshape`` mixes for
-batches larger than one, pitfalls §4.36); no label smoothing (DP-pt's IN-R config has 0.1).
+batches larger than one, pitfalls §4.36). No label smoothing, as DP-pt: its configs declare
+``--smoothing 0.1`` but its criterion is a plain ``CrossEntropyLoss`` (``main.py``, ``engine.py``).
 """
 
 from __future__ import annotations

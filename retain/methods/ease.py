@@ -21,9 +21,11 @@ go through the cache: over a run each image is embedded once per subspace that s
 of t+1 passes at every evaluation as in PILOT. With ``cache_features=False`` nothing is cached
 and every pass runs the t+1 subspaces in one trunk call (``retain.layers.subspaces``).
 
-Differences from PILOT: the learning rate follows a cosine to 0 per step (PILOT: per epoch);
-the official options ``use_init_ptm``/``beta`` (a PTM subspace), ``moni_adam`` (the Omnibenchmark
-config: one adapter, APER-like) and ``use_old_data`` are not implemented.
+The adapter's cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as PILOT's
+``models/ease.py``, the authors' code: ``CosineAnnealingLR(T_max=epochs)``); ``"step"`` decays
+it after every batch instead. Differences from PILOT: the official options
+``use_init_ptm``/``beta`` (a PTM subspace), ``moni_adam`` (the Omnibenchmark config: one
+adapter, APER-like) and ``use_old_data`` are not implemented.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ..layers.inject import detach
 from ..layers.subspaces import MultiAdapterViT
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, predict_batches
+from ..training import ScheduleUnit, fit, image_inputs, predict_batches
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, count, register_method
 
@@ -62,7 +64,8 @@ class EASE(Method):
 
     def __init__(self, backbone, *, epochs: int = 20, lr: float = 0.025, batch_size: int = 48,
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
-                 adapter_bottleneck: int = 64, alpha: float = 0.1, cache_features: bool = True):
+                 adapter_bottleneck: int = 64, alpha: float = 0.1, cache_features: bool = True,
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.epochs = epochs
         self.lr = lr
@@ -73,6 +76,7 @@ class EASE(Method):
         self.adapter_bottleneck = adapter_bottleneck
         self.alpha = alpha  # weight of the other subspaces' scores (alpha / t each)
         self.cache_features = cache_features  # cache subspace features
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.trunk_: nn.Module | None = None  # frozen copy of the backbone, shared by subspaces
         self.adapters_: list[AdapterSet] = []  # A_0..A_t, frozen
         self.subspaces_: list[Backbone] = []  # trunk + A_j as a frozen Backbone (cache key)
@@ -107,19 +111,14 @@ class EASE(Method):
                 fit(nn.Sequential(self.trunk_, head), self._inputs(task.train, g), targets, ctx,
                     epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                     weight_decay=self.weight_decay, momentum=self.momentum, generator=g,
-                    desc=f"ease adapter {task.id}")
+                    schedule_unit=self.schedule_unit, desc=f"ease adapter {task.id}")
         finally:
             detach(self.trunk_, adapters)
         return adapters.requires_grad_(False).eval()
 
     def _inputs(self, split: Split, generator: torch.Generator):
-        aug = Augment() if self.augment else None
-
-        def inputs(pos: np.ndarray) -> torch.Tensor:
-            x = self.backbone.preprocess(split, pos)  # (B, 3, S, S)
-            return aug(x, generator) if aug is not None else x
-
-        return inputs
+        return image_inputs(self.backbone, split, augment=Augment() if self.augment else None,
+                            generator=generator)  # (B, 3, S, S)
 
     def _add_subspace(self, adapters: AdapterSet) -> None:
         self.adapters_.append(adapters)

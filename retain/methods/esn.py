@@ -3,8 +3,13 @@ without Interference", AAAI 2023; official code iamwangyabin/ESN ``networks.py``
 ``trainer.py``, ``models/convit.py``).
 
 The ViT is frozen. ``prompt_tokens`` shared prompt tokens (ESN's ``vitprompt``, 100 x D) enter the
-sequence after the class token, after the positional embedding (no position of their own); they
-are trained on the first task only and frozen afterwards (``freezep``). Every task t owns a
+sequence after the class token, after the positional embedding (no position of their own). With
+``prompt_training: first_task`` (default, the paper's intent and ``freezep``) they train on the
+first task only. The released code does otherwise (``prompt_training: every_task``): from task 1
+on it freezes the fresh ``vitprompt`` of the new model and then replaces it by the copy of the
+previous task's, which keeps ``requires_grad=True``, and the optimiser takes every trainable
+parameter, so the shared prompt keeps training in every task; its ``eval`` then runs all stages
+(and picks τ_t) with the last task's prompt, as retain does with its one prompt. Every task t owns a
 class-attention block (ConViT's block with CaiT class attention: only the task token queries the
 trunk tokens; MLP ratio 0.5, qkv bias), a task token (initialised from the backbone's class
 token) and a linear classifier over its own classes; the trunk output is the token sequence
@@ -19,17 +24,20 @@ before the final norm. Training on task t minimises
 voted stage (ties: the lowest index, as ``torch.mode``) is taken, and the image is classified
 within that stage.
 
-Cost: the prompts are frozen after task 0, so one trunk pass serves every stage (the official
-``eval`` computes one pass per evaluation too, with the last stage's prompt); training tasks
-t > 0 runs the trunk without gradients. Predictions are per sample; no task id at test.
-Differences: the class-attention block is initialised as DyTox's (trunc-normal 0.02) instead of
-PyTorch's default; the learning rate follows a cosine per step (the code: per epoch); the
-optional MSE distillation to a previous prompt is not implemented (it is inactive when the
-prompt is frozen, the official setting); class-incremental only (the official ``dil`` mode
-folds labels modulo the class count).
+Cost: one trunk pass serves every stage (the official ``eval`` too, with the last stage's
+prompt); training tasks t > 0 runs the trunk without gradients unless the prompt trains. The
+class-attention block is initialised as the official (ConViT's ``ClassAttention`` and ``Mlp``:
+trunc-normal 0.02 weights, zero biases; LayerNorm eps 1e-5). Predictions are per sample; no task
+id at test. The cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the
+official Lightning ``configure_optimizers``: ``CosineAnnealingLR(T_max=max_epoch)``, stepped per
+epoch); ``"step"`` decays it per batch. Differences: the MSE distillation to a previous prompt is
+left out (``pre_vitprompt`` is never set in the released code, so it never runs);
+class-incremental only (the official ``dil`` mode folds labels modulo the class count).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +51,7 @@ from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..layers.task_attention import TaskAttentionBlock
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, image_inputs, predict_batches
+from ..training import ScheduleUnit, fit, image_inputs, predict_batches
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, count, register_method
 
@@ -67,11 +75,13 @@ class ESN(Method):
                  energy_beta: float = 1.0, mlp_ratio: float = 0.5,
                  temperatures: tuple[float, ...] = (0.001, 0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
                                                     0.7, 0.8, 0.9, 1.0),
-                 augment: bool = True):
+                 prompt_training: Literal["first_task", "every_task"] = "first_task",
+                 augment: bool = True, schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.prompt_tokens = prompt_tokens  # shared prompt tokens, trained on task 0 then frozen
         self.epochs = epochs
         self.lr = lr
+        self.prompt_training = prompt_training  # every_task: the released code's behaviour
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.momentum = momentum
@@ -81,6 +91,7 @@ class ESN(Method):
         self.mlp_ratio = mlp_ratio
         self.temperatures = temperatures  # candidate temperatures of each stage's calibration
         self.augment = augment
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.vit_: nn.Module | None = None  # frozen copy of the backbone (not stored)
         self.prompt_: nn.Parameter | None = None  # (P, D), trained on task 0
         self.stages_ = nn.ModuleList()  # one _Stage per task
@@ -112,7 +123,7 @@ class ESN(Method):
         heads = self._trunk().blocks[0].attn.num_heads
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-            block = TaskAttentionBlock(dim, heads, self.mlp_ratio, qkv_bias=True, eps=1e-5)
+            block = TaskAttentionBlock(dim, heads, self.mlp_ratio, qkv_bias=True)
             head = nn.Linear(dim, num_classes)
         token = self._trunk().cls_token.detach().clone()  # (1, 1, D), ESN copies the class token
         return _Stage(block, nn.Parameter(token), head)
@@ -126,7 +137,8 @@ class ESN(Method):
             self.prompt_ = nn.Parameter(torch.empty(self.prompt_tokens, self.backbone.feature_dim)
                                         .uniform_(-bound, bound, generator=ctx.generator(0, 0)))
         stage = self._new_stage(len(task.classes), ctx.generator(task.id, 1))
-        self.prompt_.requires_grad_(task.id == 0)  # frozen after the first task (freezep)
+        trains = task.id == 0 or self.prompt_training == "every_task"  # first_task: freezep
+        self.prompt_.requires_grad_(trains)
         self._train(stage, task, ctx)
         self.prompt_.requires_grad_(False)
         self.stages_.append(stage.requires_grad_(False).eval())
@@ -137,21 +149,19 @@ class ESN(Method):
         if not self.epochs:
             return
         g = ctx.generator(task.id, 2)
-        aug, base = Augment() if self.augment else None, image_inputs(self.backbone, task.train)
-
-        def inputs(pos: np.ndarray) -> torch.Tensor:
-            x = base(pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         def loss(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(z, y) + self.energy_lambda * (
                 (self.energy(z) - self.anchor_energy) ** 2).mean()
 
-        model = _Trained(self, stage, grad_through_trunk=task.id == 0)
+        model = _Trained(self, stage, grad_through_trunk=self.prompt_.requires_grad)
         local = torch.from_numpy(task.train.targets) - min(task.classes)
         fit(model, inputs, local, ctx, epochs=self.epochs, lr=self.lr,
             batch_size=self.batch_size, weight_decay=self.weight_decay,
-            momentum=self.momentum, generator=g, loss_fn=loss, desc=f"esn task {task.id}")
+            momentum=self.momentum, generator=g, loss_fn=loss, schedule_unit=self.schedule_unit,
+            desc=f"esn task {task.id}")
 
     def energy(self, z: torch.Tensor) -> torch.Tensor:
         """(B, k) -> (B,): E(z) = −(1/β) log Σ exp(−β z), as the official loss computes it."""

@@ -39,6 +39,10 @@ Deviations from the official code:
   ``sklearn.cluster.KMeans(n_clusters=10)``); draws come from ``ctx.generator``.
 * Augmentation is :class:`retain.transforms.Augment` (official CIFAR: RandomResizedCrop(224) +
   flip + ColorJitter(brightness 63/255)).
+* One process. The scripts run 8 (DDP, batch 24 and 24·5 draws per centroid each, lr scaled by
+  24/256 only, ``--unscale_lr``): 192 images (960 draws) per step. The presets match that with
+  batch 192 (ca_samples 960, tii_ca_samples 192); the contrastive term then sees 192 batch
+  features per step instead of 24.
 Faithful details worth knowing: the alignment's weight decay is 0 (the scripts' argparse keeps
 the first default of the duplicated ``--weight-decay``/``--weight_decay``, and the param group
 overrides the SGD constructor's 5e-4); the alignment takes as many steps per epoch as there are
@@ -51,7 +55,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +64,7 @@ from ..layers.heads import IncrementalLinear
 from ..layers.hide import (
     ClassCentroids,
     HiDeNet,
+    PromptedFeatures,
     TaskInferenceNet,
     TaskView,
     align_on_samples,
@@ -72,7 +76,7 @@ from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
 from ..layers.prefix import attach_prefix
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, predict_batches, task_cross_entropy
+from ..training import feature_inputs, fit, image_inputs, predict_batches, task_cross_entropy
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, VIT, Method, Needs, blocks_needed, count, register_method
 
@@ -187,11 +191,8 @@ class HiDePrompt(Method):
         if not self.epochs:
             return
         net, g = self.net_, ctx.generator(task.id, 2)
-        aug = Augment() if self.augment else None
-
-        def inputs(pos):
-            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
-            return aug(x, g) if aug is not None else x
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
 
         anchors = self.tap_stats_.centroids()  # (M, D) earlier classes' prompted centroids
 
@@ -246,17 +247,10 @@ class HiDePrompt(Method):
                              ctx=ctx, generator=ctx.generator(task.id, salt + 1),
                              desc=f"hide_prompt {desc}")
 
-    @torch.no_grad()
     def _prompted_features(self, split: Split, t: int, ctx: Context) -> torch.Tensor:
         """(N, D) features of ``split`` with E-prompt t, no augmentation."""
-        net = self.net_.to(ctx.device).eval()
-        out = []
-        for start in range(0, len(split), ctx.batch_size):
-            pos = np.arange(start, min(len(split), start + ctx.batch_size))
-            x = self.backbone.preprocess(split, pos).to(ctx.device)  # (B, 3, S, S)
-            p = net.prompts[t].expand(len(pos), -1, -1, -1, -1)  # (B, K, 2, L, D)
-            out.append(net.features(x, p).float().cpu())
-        return torch.cat(out)
+        return predict_batches(PromptedFeatures(self.net_, t), image_inputs(self.backbone, split),
+                               len(split), ctx)
 
     # -- prediction -----------------------------------------------------------------------------
     def infer_tasks(self, split: Split, ctx: Context) -> torch.Tensor:

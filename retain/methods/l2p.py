@@ -12,7 +12,12 @@ scores it. Training minimises
     L = CE(z̃, y) − λ · (1/B) Σ_b Σ_{i∈sel(b)} cos(q_b, k_i)
 
 where z̃ keeps only the current task's logits (old and future classes are set to −∞), with
-Adam at a constant rate, re-created each task, and gradient clipping at 1.0.
+Adam at a constant rate, re-created each task, and gradient clipping at ``clip_grad`` = 1.0
+(L2P-pytorch's ``--clip-grad``; ``None``: no clipping, as PILOT's ``models/l2p.py``). Predictions
+score the classes seen so far; L2P-pytorch's ``engine.py::evaluate`` scores a class-incremental
+test image over every head row, the untrained rows of future classes included (no class mask),
+so its intermediate-stage accuracies differ from these (not the last stage's, when every row is
+trained).
 
 The query is the cached frozen feature whenever the image is not augmented (every test image,
 and training without augmentation), so a test image costs one prompted pass plus a cached
@@ -59,7 +64,8 @@ class L2P(Method):
     def __init__(self, backbone, *, pool_size: int = 10, prompt_length: int = 5, top_k: int = 5,
                  pull_coeff: float = 0.1, head_type: Literal["prompt", "token"] = "prompt",
                  epochs: int = 5, lr: float = 0.001875, batch_size: int = 16,
-                 clip_grad: float = 1.0, augment: bool = True, batchwise_prompt: bool = False):
+                 clip_grad: float | None = 1.0, augment: bool = True,
+                 batchwise_prompt: bool = False):
         super().__init__(backbone)
         self.pool_size = pool_size  # M: prompts in the shared pool
         self.prompt_length = prompt_length
@@ -69,7 +75,7 @@ class L2P(Method):
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
-        self.clip_grad = clip_grad
+        self.clip_grad = clip_grad  # None: no clipping (PILOT); l2p-pytorch clips at 1.0
         self.augment = augment
         self.batchwise_prompt = batchwise_prompt
         self.net_: _L2PNet | None = None

@@ -134,8 +134,8 @@ class LAE(Method):
         """``frozen_epochs`` head-only epochs, then PET + head; one Adam for both phases, with
         the EMA of the offline PET after every step when ``ema``."""
         net, g = self.net_, ctx.generator(task.id, 2)  # batch order and augmentation
-        images, augment = image_inputs(self.backbone, task.train), Augment()
-        inputs = (lambda pos: augment(images(pos), g)) if self.augment else images
+        inputs = image_inputs(self.backbone, task.train,
+                              augment=Augment() if self.augment else None, generator=g)
         targets = torch.from_numpy(task.train.targets)
         opt = torch.optim.Adam([*net.head.parameters(), *net.online.parameters()], lr=self.lr)
         if ema:

@@ -18,15 +18,17 @@ and s CLIP's (frozen) logit scale,
 on the task's data plus the exemplar memory; from the second task on
 w = [θ/σ(β) | σ(α)] weights old/new class columns (θ = t/2; α (bs × n_new) persists, β
 (bs × n_old) is re-created per task, both start at 1 and are trained, row b of the batch uses
-row b); on the first task w = 1. λ starts at 1. AdamW, gradient clipping at 1, cosine.
+row b); on the first task w = 1. λ starts at 1. AdamW, gradient clipping at 1 (``clip_grad``;
+None: no clipping), cosine stepped once per epoch (``schedule_unit="epoch"``, the official;
+``"step"``: after every batch).
 Exemplars: 5,000 in total, iCaRL herding on the frozen CLIP image features (continuum's
 "barycenter" = moving-barycenter herding, ``retain.memory.herding``). A test image costs two
 prompted passes; no class text is encoded at prediction (stored when its task ends).
 
 Deviations: (1) each model gets its own preprocessing (the official feeds CLIP-normalised
 images to the ImageNet ViT); (2) the booster's prompt tokens get the class token's positional
-embedding (official: a resized positional table); (3) cosine schedule per step, not per epoch,
-and the last partial batch is kept (official ``drop_last``; it uses the first rows of α, β);
+embedding (official: a resized positional table); (3) the last partial batch is kept
+(official ``drop_last``; it uses the first rows of α, β);
 (4) old classes' text features are encoded once per task for training, and each task's
 once more at the end of its ``learn``, stored (with the state) for every prediction (the same
 numbers up to float rounding: frozen contexts, frozen tower); (5) α is re-created (at 1) when
@@ -55,7 +57,7 @@ from ..layers.prompts import block_inputs, class_position, insert_tokens, num_pr
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, predict_batches
+from ..training import ScheduleUnit, fit, predict_batches
 from .base import CLIP, GROWS, USES_MEMORY, Method, Needs, count, register_method
 
 FROZEN = ("clip.", "text.", "vit.")  # frozen copies: identified by the backbones, not stored
@@ -76,8 +78,9 @@ class PromptFusion(Method):
                  epochs: int = 3, lr: float = 0.002, weight_decay: float = 1e-4,
                  batch_size: int = 32, context_length: int = 30, clip_prompt_length: int = 30,
                  booster_prompt_length: int = 30, memory_size: int = 5000,
-                 clip_grad: float = 1.0, booster_head: Literal["prompt", "token"] = "prompt",
-                 booster_weights: str = ""):
+                 clip_grad: float | None = 1.0,
+                 booster_head: Literal["prompt", "token"] = "prompt", booster_weights: str = "",
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.booster = booster  # the plastic ViT (timm / retain backbone name)
         self.epochs = epochs
@@ -88,7 +91,8 @@ class PromptFusion(Method):
         self.clip_prompt_length = clip_prompt_length  # prompt tokens of the CLIP image tower
         self.booster_prompt_length = booster_prompt_length  # prompt tokens of the booster ViT
         self.memory_size = memory_size  # exemplars in total
-        self.clip_grad = clip_grad
+        self.clip_grad = clip_grad  # None: no clipping
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.booster_head = booster_head  # booster feature: mean of prompt outputs, or class token
         self.booster_weights = booster_weights  # local weights file of the booster ("": default)
         self.booster_: Backbone | None = None  # created at the first task; not stored
@@ -137,11 +141,13 @@ class PromptFusion(Method):
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
-        steps = self.epochs * math.ceil(len(train) / self.batch_size)
+        per_epoch = self.schedule_unit == "epoch"
+        steps = self.epochs * (1 if per_epoch else math.ceil(len(train) / self.batch_size))
         fit(model, self._inputs(train), torch.from_numpy(train.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=ctx.generator(task.id, 2), loss_fn=loss,
             optimizer=opt, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps),
-            clip_grad=self.clip_grad, desc=f"promptfusion task {task.id}")
+            schedule_unit=self.schedule_unit, clip_grad=self.clip_grad,
+            desc=f"promptfusion task {task.id}")
 
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
         net = self.net_.to(ctx.device).eval()

@@ -27,9 +27,11 @@ so a sample's logits depend on its batch; here each sample uses its own fused te
 prototypes (``batch_mean=True`` restores the official behaviour, labelled as batch
 information). (2) The official ``freeze_projection_weight_new`` keeps *all* text projections
 trainable; the paper freezes old ones: the default here
-(``freeze_old_text_projections=False`` reproduces the code). (3) Cosine schedule per step
-(``retain.training.fit``) instead of per epoch. (4) Training images are not augmented (the
-official cifar224 train transform equals the test transform), so features come from the cache.
+(``freeze_old_text_projections=False`` reproduces the code). (3) Training images are not
+augmented (the official cifar224 train transform equals the test transform), so features come
+from the cache.
+The cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
+``CosineAnnealingLR(T_max=epochs)``); ``"step"`` decays it after every batch instead.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ..layers.proof import (
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, predict_batches
+from ..training import ScheduleUnit, feature_inputs, fit, predict_batches
 from .base import CLIP, GROWS, USES_MEMORY, Method, Needs, count, register_method
 
 
@@ -69,7 +71,8 @@ class Proof(Method):
                  weight_decay: float = 0.05, momentum: float = 0.9, prompts_per_task: int = 3,
                  dropout: float = 0.1, templates: tuple[str, ...] = ("a photo of a {}.",),
                  memory_size: int = 2000, memory_per_class: bool = False,
-                 freeze_old_text_projections: bool = True, batch_mean: bool = False):
+                 freeze_old_text_projections: bool = True, batch_mean: bool = False,
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.epochs = epochs
         self.lr = lr
@@ -83,6 +86,7 @@ class Proof(Method):
         self.memory_per_class = memory_per_class
         self.freeze_old_text_projections = freeze_old_text_projections  # (paper) old ones fixed
         self.batch_mean = batch_mean  # official: fused texts/prototypes averaged over the batch
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.net_: _ProofNet | None = None
         self.memory_ = self._memory()
 
@@ -134,7 +138,8 @@ class Proof(Method):
             fit(_Training(self.net_), lambda pos: (x[pos], y[pos]), y, ctx, epochs=self.epochs,
                 lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
                 momentum=self.momentum, generator=ctx.generator(task.id, 2),
-                loss_fn=lambda loss, _: loss, desc=f"proof task {task.id}")
+                loss_fn=lambda loss, _: loss, schedule_unit=self.schedule_unit,
+                desc=f"proof task {task.id}")
 
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
         feats = ctx.features(self.backbone, split).float()  # (N, E)

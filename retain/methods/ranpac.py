@@ -9,9 +9,18 @@ head W_o = (G + λI)⁻¹Q — equal to a joint ridge regression on all data see
 data after fitting on the first 80 % (as the official code), with one factorisation for all
 candidates instead of 17 dense solves (``retain.layers.ridge``).
 
+The VPT of phase 1 is RanPAC's (``inc_net.py``: ``build_promptmodel(Prompt_Token_num=5,
+VPT_type="Deep")`` of sagizty/VPT, as APER's ``convs/vpt.py``): ``vpt_tokens`` = 5 zero-initialised
+tokens appended after the patch tokens (``vpt_placement: pilot``, the default); ``official`` is
+KMnP/vpt's placement (after the class token, uniform init; ``retain.layers.vpt``).
+
 Head: ``linear`` (default, the official code: z = h W_o) or ``cosine`` (PILOT's CosineLinear:
 z_c = cos(h, W_o[:, c])). W_rand is regenerated from a stored seed; G (M x M, float64) is part of
 the state, so a checkpoint at M = 10,000 holds 800 MB.
+
+Phase 1's cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
+``RanPAC.py`` and PILOT: ``CosineAnnealingLR(T_max=tuned_epoch)``, so a 1-epoch run trains at the
+full rate); ``"step"`` decays it after every batch instead.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from ..datasets.base import Split
 from ..layers.ridge import RANPAC_LAMBDAS, RidgeStatistics, select_lambda
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import ScheduleUnit
 from .base import FROZEN_AFTER_FIRST, VIT_OR_CLIP, Method, Needs, count, register_method
 
 
@@ -37,7 +47,7 @@ class RanPAC(Method):
     tags = frozenset({FROZEN_AFTER_FIRST})
     constraints = {"epochs": Interval(0, None), "lr": Interval(0, None, "neither"),
                    "batch_size": Interval(1, None), "projection_dim": Interval(0, None),
-                   "weight_decay": Interval(0, None)}
+                   "weight_decay": Interval(0, None), "vpt_tokens": Interval(1, None)}
 
     @classmethod
     def requirements(cls, hp: dict) -> list[Needs]:
@@ -50,17 +60,22 @@ class RanPAC(Method):
                                "vpt_deep"] = "adapter",
                  epochs: int = 20, lr: float = 0.01, batch_size: int = 48,
                  weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = True,
-                 projection_dim: int = 10000, head: Literal["linear", "cosine"] = "linear"):
+                 projection_dim: int = 10000, head: Literal["linear", "cosine"] = "linear",
+                 vpt_tokens: int = 5, vpt_placement: Literal["pilot", "official"] = "pilot",
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.peft = peft
         self.epochs = epochs
         self.lr = lr
+        self.vpt_tokens = vpt_tokens  # peft vpt_*: RanPAC's 5
+        self.vpt_placement = vpt_placement  # pilot: zeros after the patches, as RanPAC's VPT
         self.batch_size = batch_size
         self.weight_decay = weight_decay
         self.momentum = momentum
         self.augment = augment
         self.projection_dim = projection_dim  # M: width of the random ReLU projection (0: none)
         self.head = head  # linear (official) or cosine (PILOT) ridge head
+        self.schedule_unit = schedule_unit  # phase-1 cosine per epoch (official) or per batch
         self.body_: Backbone | None = None  # the (adapted) frozen network
         self.tuned_: torch.nn.Module | None = None
         self.stats_: RidgeStatistics | None = None
@@ -72,7 +87,7 @@ class RanPAC(Method):
     def _learn(self, task: Task, ctx: Context) -> None:
         if task.id == 0:
             self.seed_ = int(torch.randint(0, 2**31, (1,), generator=ctx.generator(0, 7)))
-            self.body_, self.tuned_ = adapt_for(self, task, ctx)
+            self.body_, self.tuned_ = adapt_for(self, task, ctx, self._options())
             self.stats_ = RidgeStatistics(self._dim())
         h = self._project(ctx.features(self.body_, task.train))  # (N, M)
         y = torch.from_numpy(task.train.targets)
@@ -80,6 +95,11 @@ class RanPAC(Method):
         self.lambdas_.append(lam)
         self.stats_.update(h, y, task.num_seen)
         self.weights_ = self.stats_.solve(lam).float()  # (M, C)
+
+    def _options(self) -> dict | None:
+        if self.peft.startswith("vpt"):
+            return {"num_tokens": self.vpt_tokens, "placement": self.vpt_placement}
+        return None
 
     def _dim(self) -> int:
         return self.projection_dim or self.backbone.feature_dim
@@ -113,7 +133,7 @@ class RanPAC(Method):
         self.lambdas_ = state["lambdas"].tolist()
         self.stats_ = RidgeStatistics(self._dim())
         self.stats_.load(state, "ridge.")
-        self.body_, self.tuned_ = load_tuned(self.backbone, self.peft, state)
+        self.body_, self.tuned_ = load_tuned(self.backbone, self.peft, state, self._options())
 
     def parameter_counts(self) -> dict[str, int]:
         tuned = 0 if self.tuned_ is None else count(self.tuned_, trainable_only=False)

@@ -26,6 +26,9 @@ Where we differ from the official code:
   covariance stored in float32), so runs are reproducible and resumable.
 * Augmentation is ``retain.transforms.Augment`` (PILOT's RandomResizedCrop scale (0.05, 1) +
   flip; official: torchvision's default scale (0.08, 1), plus ColorJitter on CIFAR).
+* The pre-trained final LayerNorm is kept, as PILOT. The official ``convs/vits.py`` deletes it
+  and puts a fresh ``nn.LayerNorm(768)`` (γ = 1, β = 0, eps 1e-5) in its place before training,
+  which the slow learner then trains with the rest; ``fresh_norm=True`` does that.
 The fine-tuned network is a new ``Backbone`` after each task (identity: sha256 of its weights),
 so the feature cache embeds each test image once per network version.
 """
@@ -45,10 +48,11 @@ from ..adaptation import adapted_backbone
 from ..backbones import Backbone
 from ..context import Context
 from ..datasets.base import Split
+from ..errors import ConfigError
 from ..layers.gaussian import ClassGaussians
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, load_prefixed, predict_batches
+from ..training import feature_inputs, fit, image_inputs, load_prefixed, predict_batches
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, Method, Needs, count, register_method
 
@@ -112,7 +116,8 @@ class SLCA(Method):
                  backbone_lr_scale: float = 0.01, milestone: int = 18, lr_decay: float = 0.1,
                  batch_size: int = 128, weight_decay: float = 5e-4, momentum: float = 0.9,
                  augment: bool = True, ca_epochs: int = 5, ca_samples: int = 256,
-                 logit_norm: float = 0.1, cov_eps: float = 1e-4, restore_heads: bool = False):
+                 logit_norm: float = 0.1, cov_eps: float = 1e-4, restore_heads: bool = False,
+                 fresh_norm: bool = False):
         super().__init__(backbone)
         self.epochs = epochs
         self.lr = lr  # head learning rate, and the alignment's
@@ -128,6 +133,7 @@ class SLCA(Method):
         self.logit_norm = logit_norm  # τ of the logit normalisation (0: plain logits)
         self.cov_eps = cov_eps  # ε·I added to every class covariance
         self.restore_heads = restore_heads  # official: next task starts from stage-1 heads
+        self.fresh_norm = fresh_norm  # official: the final norm re-initialised (γ=1, β=0)
         self.body_: Backbone | None = None  # the fine-tuned network, frozen between tasks
         self.heads_: TaskHeads | None = None  # the heads used for prediction
         self.stage1_: TaskHeads | None = None  # restore_heads: the heads before alignment
@@ -142,7 +148,7 @@ class SLCA(Method):
             self.stats_ = ClassGaussians(self.backbone.feature_dim, self.cov_eps)
         if self.restore_heads and self.stage1_ is not None:
             self.heads_ = copy.deepcopy(self.stage1_)
-        net = copy.deepcopy(self.backbone.model) if self.body_ is None else self.body_.model
+        net = self._network() if self.body_ is None else self.body_.model
         self.body_ = None  # trained in place below: its features are no longer valid
         head = self.heads_.add(len(task.new_classes), ctx.generator(task.id, 0))
         self._slow_learn(net, head, task, ctx)
@@ -156,6 +162,16 @@ class SLCA(Method):
         if task.id > 0 and self.ca_epochs > 0:
             self._align(task, ctx)
 
+    def _network(self) -> nn.Module:
+        """A copy of the backbone, its final norm fresh if ``fresh_norm`` (``convs/vits.py``)."""
+        net = copy.deepcopy(self.backbone.model)
+        if self.fresh_norm:
+            if not isinstance(getattr(net, "norm", None), nn.LayerNorm):
+                raise ConfigError("slca fresh_norm=true needs a ViT whose final norm is a "
+                                  "LayerNorm (model.norm); use fresh_norm=false")
+            net.norm = nn.LayerNorm(net.norm.normalized_shape)  # γ = 1, β = 0, eps 1e-5
+        return net
+
     def _check(self, task: Task) -> None:
         known = len(self.task_of_class_)
         if not task.new_classes or task.new_classes != tuple(range(known, task.num_seen)):
@@ -167,14 +183,13 @@ class SLCA(Method):
         g = ctx.generator(task.id, 1)
         model = nn.Sequential(net, head).to(ctx.device)
         net.requires_grad_(self.backbone_lr_scale > 0)
-        opt = self._optimizer(net, head)
-        steps = math.ceil(len(task.train) / self.batch_size)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [self.milestone * steps], self.lr_decay)
+        opt = self._optimizer(net, head)  # rates × lr_decay after epoch `milestone`, as official
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [self.milestone], self.lr_decay)
         targets = torch.from_numpy(task.train.targets) - min(task.new_classes)
         with _seeded_rng(ctx, g):  # dropout / drop-path of the network, if it has any
             fit(model, self._train_inputs(task.train, g), targets, ctx, epochs=self.epochs,
                 batch_size=self.batch_size, generator=g, optimizer=opt, scheduler=sched,
-                desc=f"slca task {task.id}")
+                schedule_unit="epoch", desc=f"slca task {task.id}")
 
     def _optimizer(self, net: nn.Module, head: nn.Module) -> torch.optim.SGD:
         """Parameter groups: the head at ``lr``, the backbone at ``lr × backbone_lr_scale``."""
@@ -186,13 +201,8 @@ class SLCA(Method):
                                weight_decay=self.weight_decay)
 
     def _train_inputs(self, split: Split, generator: torch.Generator):
-        aug = Augment() if self.augment else None
-
-        def inputs(pos):
-            x = self.backbone.preprocess(split, pos)  # (B, 3, S, S)
-            return aug(x, generator) if aug is not None else x
-
-        return inputs
+        return image_inputs(self.backbone, split, augment=Augment() if self.augment else None,
+                            generator=generator)  # (B, 3, S, S)
 
     def _align(self, task: Task, ctx: Context) -> None:
         """Stage 2: every head trained on draws from the seen classes' Gaussians."""
@@ -225,7 +235,7 @@ class SLCA(Method):
         return state | self.stats_.state("stats.") | {"task_of_class": self.task_of_class_}
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        net = copy.deepcopy(self.backbone.model)
+        net = self._network()
         load_prefixed(net, state, "net.")
         self.body_ = adapted_backbone(self.backbone, net, "slca")
         self.task_of_class_ = state["task_of_class"].long()

@@ -29,13 +29,14 @@ picks its own domain.
 
 Deviations: K-means is retain's seeded k-means (``retain.layers.kmeans``: k-means++, 10
 restarts, as sklearn's KMeans with ``random_state=0`` but not bit-identical) on features of the
-un-augmented training images (the reference clusters the augmented training loader). The cosine
-schedule decays per step, not per epoch. The official ``SliNet.forward`` scores training batches
-with ``classifier_pool[-1]`` while only ``classifier_pool[numtask-1]`` has gradients (so on
-DomainNet the text contexts of all but the last domain never train); here domain s trains and
-uses ctx_s, as the paper describes. On a class-incremental stream the classifier of domain s
-covers the classes seen up to task s; classes it never saw get logit −inf. CORe50 and CDDB (the
-other benchmarks of the paper) are not available in retain.
+un-augmented training images (the reference clusters the augmented training loader). The
+cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
+``CosineAnnealingLR(T_max=epochs)``); ``"step"`` decays it after every batch instead. Domain s
+trains and uses ctx_s, as the official ``SliNet.forward`` at the cited commit
+(``classifier_pool[self.numtask-1]``; the ``classifier_pool[-1]`` of earlier versions was fixed
+in cdca371). On a class-incremental stream the classifier of domain s covers the classes seen up
+to task s; classes it never saw get logit −inf. CORe50 and CDDB (the other benchmarks of the
+paper) are not available in retain.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from ..layers.kmeans import kmeans
 from ..layers.sprompts import DomainTraining, SPromptsNet, nearest_domain
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, predict_batches, task_cross_entropy
+from ..training import ScheduleUnit, fit, predict_batches, task_cross_entropy
 from ..transforms import Augment
 from .base import CLIP, FROZEN_BACKBONE, GROWS, VIT_OR_CLIP, Method, Needs, register_method
 
@@ -81,7 +82,8 @@ class SPrompts(Method):
                  prompt_length: int = 10, text_context: int = 16, num_centroids: int = 5,
                  epochs: int = 30, lr: float = 0.01, weight_decay: float = 2e-4,
                  init_epochs: int = 30, init_lr: float = 0.01, init_weight_decay: float = 5e-4,
-                 batch_size: int = 128, augment: bool = True):
+                 batch_size: int = 128, augment: bool = True,
+                 schedule_unit: ScheduleUnit = "epoch"):
         super().__init__(backbone)
         self.variant = variant  # "image": S-iPrompts; "language_image": S-liPrompts (CLIP)
         self.prompt_length = prompt_length
@@ -95,6 +97,7 @@ class SPrompts(Method):
         self.init_weight_decay = init_weight_decay  # weight decay of the first domain
         self.batch_size = batch_size
         self.augment = augment
+        self.schedule_unit = schedule_unit  # cosine per epoch (official) or per batch
         self.net_: SPromptsNet | None = None
         self.centroids_: torch.Tensor | None = None  # (S, K, D) per-domain k-means centroids
 
@@ -128,15 +131,14 @@ class SPrompts(Method):
         augment, domain = Augment() if self.augment else None, task.id
 
         def inputs(pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
-            x = augment(x, g) if augment is not None else x
+            x = self.backbone.preprocess(task.train, pos, augment, g)  # (B, 3, S, S)
             return x, torch.full((len(pos),), domain)  # images, domain ids (B,)
 
         fit(DomainTraining(self.net_, domain), inputs, torch.from_numpy(task.train.targets), ctx,
             epochs=epochs, lr=self.init_lr if first else self.lr, batch_size=self.batch_size,
             generator=g, weight_decay=self.init_weight_decay if first else self.weight_decay,
             loss_fn=lambda z, y: task_cross_entropy(z, y, task.classes),
-            desc=f"sprompts domain {task.id}")
+            schedule_unit=self.schedule_unit, desc=f"sprompts domain {task.id}")
 
     def _add_centroids(self, train: Split, ctx: Context, generator: torch.Generator) -> None:
         """K-means on the domain's L2-normalised frozen features; the centroids are stored."""

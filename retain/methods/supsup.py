@@ -13,8 +13,14 @@ at test; ``retain/methods/supsup_gn.py``), which builds on this class.
 Defaults are the notebook's (FC 784-300-300-100, threshold masks, RMSprop lr 1e-4, batch 128,
 1 epoch, no weight decay). Differences from the official code: masks are kept as bool and packed
 to 1 bit in checkpoints (not float stacks); the frozen weights are regenerated from a stored
-seed, not stored. ``net="resnet18_gem"`` is the official SplitCIFAR100 ``GEMResNet18`` (masked
-convolutions, per-task non-affine BN with ``batchnorm=True``). Not implemented: ResNet-50
+seed with torch's CPU generator, not stored: the state keeps their SHA-256, and loading refuses
+a state whose weights this installation regenerates differently (another torch or Python
+version); ``cosine=True`` steps the cosine rate after every batch (``main.py``: after every
+epoch); with ``batchnorm=True``, a superposition of masks (GN/NNs task inference) normalises
+with the α-weighted mean of the slots' running statistics (the official uses ``bns[-1]``, in
+train mode, i.e. the batch's own statistics); GN's one-shot argmin runs over the learned slots
+only (``supsup_gn.py``). ``net="resnet18_gem"`` is the official SplitCIFAR100 ``GEMResNet18``
+(masked convolutions, per-task non-affine BN with ``batchnorm=True``). Not implemented: ResNet-50
 (SplitImageNet), ER per-layer densities, HopSupSup, BatchE/Transfer baselines and CIFAR
 augmentation. "density" is the official "sparsity".
 """
@@ -36,8 +42,10 @@ from ..layers.masked import (
     MaskedLinear,
     MultitaskBatchNorm,
     SupermaskNet,
+    check_regenerated,
     pack_masks,
     unpack_masks,
+    weights_digest,
 )
 from ..layers.mlp import build_net
 from ..params import Interval
@@ -208,7 +216,7 @@ class SupSup(Method):
         classes = [list(c) + [-1] * (width - len(c)) for c in self.slot_classes_]
         classes = torch.tensor(classes, dtype=torch.long).reshape(len(classes), width)  # (T, K)
         state = {"seed": torch.tensor([self.seed_]), "slot_task": torch.tensor(self.slot_task_),
-                 "slot_classes": classes}
+                 "slot_classes": classes, "weights_sha256": weights_digest(self.net_)}
         slots = range(len(self.slot_task_))
         for k, layer in enumerate(self.net_.masked_layers()):
             if self.mode == "NNs":  # task-free masks stay trainable: their scores are the state
@@ -226,6 +234,7 @@ class SupSup(Method):
         self.slot_classes_ = [tuple(c for c in row if c >= 0) for row in
                               state["slot_classes"].tolist()]
         self.net_ = self._make_net()
+        check_regenerated(self.net_, state.get("weights_sha256"), self.name)
         slots = range(len(self.slot_task_))
         for k, layer in enumerate(self.net_.masked_layers()):
             if self.mode == "NNs":

@@ -1,0 +1,18 @@
+"""``retain predict``: see retain/serve/cli.py (fastapi and uvicorn are imported only to serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..serve.cli import add_predict_arguments
+
+    add_predict_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..serve.cli import main as serve_main
+
+    serve_main(args)
+    return 0

@@ -1,0 +1,18 @@
+"""``retain sweep``: see retain/sweep/cli.py (Ray is imported only when runs start)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..sweep.cli import add_sweep_arguments
+
+    add_sweep_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..sweep.cli import sweep_command
+
+    sweep_command(args)
+    return 0
