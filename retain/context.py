@@ -16,6 +16,7 @@ import torch
 
 from .backbones import Backbone
 from .datasets.base import Split
+from .distributed import Dist
 from .errors import ConfigError
 from .features import FeatureCache, default_cache_dir
 
@@ -77,6 +78,7 @@ class Context:
     seed: int = 1993
     progress: bool | None = None
     cache: FeatureCache = field(default_factory=lambda: FeatureCache(default_cache_dir()))
+    dist: Dist = field(default_factory=Dist)  # the processes of a torchrun launch (one: no-op)
 
     def __post_init__(self):
         self.device = resolve_device(self.device)
@@ -89,7 +91,7 @@ class Context:
         """(N, D) frozen features of ``split`` on the CPU, from the cache where possible."""
         return self.cache.features(backbone, split, device=self.device,
                                    batch_size=self.batch_size, autocast=self.autocast,
-                                   progress=self.progress)
+                                   progress=self.progress, dist=self.dist)
 
     def generator(self, *salt: int) -> torch.Generator:
         """A torch generator seeded by the run seed and ``salt`` (e.g. the task id)."""

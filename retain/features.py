@@ -17,6 +17,7 @@ image made by this cache object.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .datasets.base import Split
+from .distributed import Dist
 from .errors import IntegrityError
 from .io import (
     file_lock,
@@ -206,9 +208,13 @@ class FeatureCache:
         self.entries_used: set[str] = set()  # keys "backbone-mode/split", for results.json
 
     def features(self, backbone: Backbone, split: Split, *, device: torch.device | str = "cpu",
-                 batch_size: int = 64, autocast: bool = False, progress: bool = False
-                 ) -> torch.Tensor:
-        """(len(split), D) float32 features of ``split``'s images, embedding only missing ones."""
+                 batch_size: int = 64, autocast: bool = False, progress: bool = False,
+                 dist: Dist | None = None) -> torch.Tensor:
+        """(len(split), D) float32 features of ``split``'s images, embedding only missing ones.
+
+        With several processes (``dist``, every rank calling with the same split) the missing
+        images are split across ranks and gathered, so every rank returns the same features
+        and each image is embedded once in total (``_fill_shared``)."""
         mode = "bf16" if autocast else "fp32"
         key = f"{backbone.key}-{mode}/{split.key}"
         index = split.index
@@ -219,7 +225,9 @@ class FeatureCache:
         self.entries_used.add(key)
         opts = {"device": device, "batch_size": batch_size, "autocast": autocast,
                 "progress": progress}
-        if len(entry.missing(index)):
+        if dist is not None and dist.active:
+            self._fill_shared(key, entry, backbone, split, mode, opts, dist)
+        elif len(entry.missing(index)):
             if self.root is None:
                 self._fill(key, entry, backbone, split, entry.missing(index), opts)
             else:
@@ -229,6 +237,39 @@ class FeatureCache:
                     if len(todo):
                         self._fill(key, entry, backbone, split, todo, opts)
         return entry.rows[torch.from_numpy(index)]
+
+    def _fill_shared(self, key: str, entry: _Entry, backbone: Backbone, split: Split, mode: str,
+                     opts: dict, dist: Dist) -> None:
+        """The missing rows of ``split`` over the ranks of ``dist``: rank 0 reads the disk entry
+        (under its lock) and says which rows are missing; each chunk of ``shard_rows`` of them is
+        split across ranks, embedded, gathered in order and written by rank 0 (the shards are
+        those of one process). Then every rank holds rank 0's rows of ``split``."""
+        index = split.index
+        if not dist.any(len(entry.missing(index)) > 0):
+            return
+        disk, main = self.root is not None, dist.is_main
+        lock = self._locked(key) if disk and main else contextlib.nullcontext()
+        with lock:
+            if disk and main:
+                self._refresh(key, entry, backbone, split, mode)
+            todo = dist.broadcast_object(entry.missing(index) if main else None)
+            opts = opts | {"progress": opts["progress"] and main}
+            for c in range(0, len(todo), self.shard_rows):
+                rows = todo[c : c + self.shard_rows]
+                mine = rows[dist.shard(len(rows), opts["batch_size"])]  # whole batches
+                feats = embed(backbone, split, mine, **opts) if len(mine) else None
+                self.images_embedded += len(mine)
+                feats = dist.gather_rows(feats)  # (len(rows), D) in the order of rows
+                if feats.shape != (len(rows), backbone.feature_dim):
+                    raise ValueError(f"backbone {backbone.name} gave features of shape "
+                                     f"{tuple(feats.shape)}, not (n, {backbone.feature_dim})")
+                entry.put(rows, feats)
+                if disk and main:
+                    self._save_shard(key, entry, rows, feats)
+        if disk:  # rows rank 0 read from the disk entry
+            have = dist.broadcast_(entry.rows[torch.from_numpy(index)] if main else
+                                   torch.zeros(len(index), backbone.feature_dim))
+            entry.put(index, have)
 
     def _dir(self, key: str) -> Path:
         assert self.root is not None

@@ -30,9 +30,10 @@ import torch
 from . import metrics, preflight, report
 from .backbones import create_backbone
 from .config import RunConfig, comparable
-from .context import Context
+from .context import Context, resolve_device
 from .datasets import create_dataset, per_class_subset
-from .errors import ConfigError
+from .distributed import Dist, check_method
+from .errors import ConfigError, RetainError
 from .evaluation import evaluate, task_inference_accuracy
 from .features import FeatureCache, default_cache_dir
 from .io import file_lock, write_json, write_tensors
@@ -53,7 +54,7 @@ class Run:
     ctx: Context
 
 
-def build(config: RunConfig, echo=lambda *_: None) -> Run:
+def build(config: RunConfig, echo=lambda *_: None, dist: Dist | None = None) -> Run:
     """Check every input (``retain.preflight``), then load the data, the backbone and the
     method named in ``config``; ``echo`` says what is loading."""
     preflight.check_setting(config)
@@ -71,9 +72,13 @@ def build(config: RunConfig, echo=lambda *_: None) -> Run:
     if isinstance(scenario, TaskFree):
         check_task_free(method)
     cache_root = None if not config.cache else Path(config.cache_dir or default_cache_dir())
-    ctx = Context(device=config.device, batch_size=config.batch_size,
+    dist = dist or Dist()
+    device = resolve_device(config.device)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one GPU per process
+    ctx = Context(device=device, batch_size=config.batch_size,
                   autocast=config.autocast == "bf16", seed=config.seed,
-                  cache=FeatureCache(cache_root))
+                  cache=FeatureCache(cache_root), dist=dist)
     return Run(config, scenario, method, ctx)
 
 
@@ -89,29 +94,64 @@ def learning_units(scenario, task) -> list:
 
 
 def run(config: RunConfig, *, fresh: bool = False, echo=print, progress: bool = True) -> dict:
-    """Learn the stream of ``config`` (resuming in its run folder); returns the results dict."""
+    """Learn the stream of ``config`` (resuming in its run folder); returns the results dict.
+
+    Under torchrun every process calls ``run``: they share the work (``retain.distributed``),
+    rank 0 alone prints, holds the run lock and writes; every rank reads the same folder to
+    resume, and every rank returns the same results."""
     run_dir = config.run_dir
     preflight.check_inputs(config, fresh=fresh)
-    with run_lock(run_dir, echo):
-        if fresh:
-            clear(run_dir)
-        previous = load_previous(run_dir, config)
-        r = build(config, echo)
-        r.ctx.progress = progress
-        results = previous or new_results(r)
-        start = len(results["stages"])
-        if start:
-            restore(r.method, run_dir, results, start - 1, echo)
-            echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
-        for task in r.scenario[start:]:
-            stage, state = learn_and_evaluate(r, task)
-            save_stage(r, results, stage, state, run_dir)
-            s = metrics.summary(*report.counts(results))
-            echo(report.stage_line(stage, len(r.scenario), s))
-        report.plot(results, run_dir)
+    check_method(config.method)
+    dist = Dist.from_env(resolve_device(config.device))
+    try:
+        echo = echo if dist.is_main else _silent
+        with shared_run_lock(run_dir, echo, dist):
+            if fresh and dist.is_main:
+                clear(run_dir)
+            dist.barrier()
+            previous = load_previous(run_dir, config)
+            r = build(config, echo, dist)
+            r.ctx.progress = progress and dist.is_main
+            results = previous or new_results(r)
+            start = len(results["stages"])
+            if start:
+                restore(r.method, run_dir, results, start - 1, echo)
+                echo(f"resuming {run_dir}: {start} of {len(r.scenario)} tasks already learned")
+            for task in r.scenario[start:]:
+                stage, state = learn_and_evaluate(r, task)
+                dist.check_same(state, f"method {r.method.name} after task {task.id}")
+                if dist.is_main:
+                    save_stage(r, results, stage, state, run_dir)
+                results = dist.broadcast_object(results)  # rank 0's, once written
+                s = metrics.summary(*report.counts(results))
+                echo(report.stage_line(stage, len(r.scenario), s))
+            if dist.is_main:
+                report.plot(results, run_dir)
+            dist.barrier()
+    finally:
+        dist.close()
     echo("\n" + report.table(results))
     echo(f"\nresults in {run_dir}/results.json; figures accuracy_curve.png, accuracy_matrix.png")
     return results
+
+
+def _silent(*_args, **_kw) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def shared_run_lock(run_dir: Path, echo, dist: Dist):
+    """``run_lock`` held by rank 0 for all ranks; when rank 0 cannot take it (another live run
+    holds the folder) every rank stops with its error."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if dist.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir, echo))
+            except RetainError as e:
+                error = e
+        dist.check(error)
+        yield
 
 
 @contextlib.contextmanager
@@ -154,7 +194,7 @@ def learn_and_evaluate(r: Run, task) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"task": task.id, "num_classes": task.num_seen, "new_classes": list(task.new_classes),
             "correct": correct.tolist(), "total": total.tolist(),
             "seconds_learn": t1 - t0, "seconds_eval": t2 - t1,
-            "images_embedded": r.ctx.cache.images_embedded - embedded,
+            "images_embedded": int(r.ctx.dist.sum(r.ctx.cache.images_embedded - embedded)),
             "parameters": r.method.parameter_counts(),
             "stored_bytes": sum(t.numel() * t.element_size() for t in state.values()),
             **({"task_inference_accuracy": inferred} if inferred is not None else {}),
@@ -190,7 +230,8 @@ def new_results(r: Run) -> dict:
             "task_sizes": r.scenario.sizes, "scenario_kind": r.scenario.kind,
             **({"task_free_segment": r.scenario.segment} if isinstance(r.scenario, TaskFree)
                else {}),
-            "environment": environment(r.ctx.device, r.scenario.bundle),
+            "environment": environment(r.ctx.device, r.scenario.bundle)
+            | ({"processes": r.ctx.dist.world_size} if r.ctx.dist.active else {}),
             "stages": []}
 
 

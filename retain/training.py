@@ -53,6 +53,13 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
     then its own) with an optional ``scheduler`` (None: constant rates). ``schedule_unit``: the
     schedule steps after every epoch ("epoch"; the default cosine then spans ``epochs``) or after
     every batch ("step"; it spans every step of the run).
+
+    Several processes (``ctx.dist``, torchrun): ``batch_size`` is the global batch. Every rank
+    draws the same permutation and builds the same global batch (``inputs(pos)``: so random
+    augmentation draws are those of one process), computes the loss of its contiguous share
+    weighted by the share's fraction of the batch, and the gradients are summed across ranks
+    before the clip and the step: one step of N ranks x b equals one process with N·b for any
+    loss that is a per-sample mean plus batch-independent terms.
     """
     if schedule_unit not in ("epoch", "step"):
         raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {schedule_unit!r}")
@@ -69,21 +76,25 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         for start in range(0, n, batch_size):
             pos = perm[start : start + batch_size]
             bar.update(len(pos))
-            x, y = _to(inputs(pos), ctx.device), targets[pos].to(ctx.device)
-            loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
+            x, y, share = ctx.dist.batch_share(inputs(pos), targets[pos])  # this rank's rows
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(y):
+                x, y = _to(x, ctx.device), y.to(ctx.device)
+                loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
+                (loss * share if share != 1.0 else loss).backward()
+                total += float(loss.detach()) * share * len(pos)
+            ctx.dist.reduce_gradients(p for g in opt.param_groups for p in g["params"])
             if clip_grad is not None:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                          clip_grad)
             opt.step()
             if sched is not None and schedule_unit == "step":
                 sched.step()
-            total += float(loss.detach()) * len(pos)
         if sched is not None and schedule_unit == "epoch":
             sched.step()
-        losses.append(total / n)
+        losses.append(ctx.dist.sum(total) / n)
     bar.close()
+    ctx.dist.same_state(model, generator)
     model.eval()
     return losses
 
@@ -131,12 +142,15 @@ def predict_batches(model: nn.Module, inputs: Inputs, n: int, ctx: Context) -> t
     output where the model returns a tuple, e.g. (logits, auxiliary loss))."""
     model.to(ctx.device).eval()
     out = []
-    for start in range(0, n, ctx.batch_size):
-        pos = np.arange(start, min(n, start + ctx.batch_size))
+    mine = ctx.dist.shard(n, ctx.batch_size)  # several processes: whole batches, gathered
+    for start in range(mine.start, mine.stop, ctx.batch_size):
+        pos = np.arange(start, min(mine.stop, start + ctx.batch_size))
         x = _to(inputs(pos), ctx.device)
         y = model(*x) if isinstance(x, tuple) else model(x)
         out.append((y[0] if isinstance(y, tuple) else y).float().cpu())  # the logits
-    return torch.cat(out) if out else torch.zeros(0)
+    local = torch.cat(out) if out else None
+    return ctx.dist.gather_rows(local) if ctx.dist.active else \
+        (local if local is not None else torch.zeros(0))
 
 
 def task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, classes) -> torch.Tensor:

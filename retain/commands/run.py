@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 RUN_FLAGS = {  # flag -> (config key, type, help)
     "--method": ("method", str, "method name (retain list methods; retain info NAME)"),
@@ -49,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
         flags["cache"] = False
     config = make_config(args.config, flags, args.set, preset=args.preset)
     preflight.check_inputs(config, fresh=args.fresh)  # milliseconds: before torch loads
-    print(preflight.summary(config), flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        print(preflight.summary(config), flush=True)
     from ..runner import run
 
     run(config, fresh=args.fresh, progress=not args.quiet)

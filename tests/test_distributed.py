@@ -1,0 +1,262 @@
+"""Runs over 2 gloo processes on the CPU equal runs in one process (retain.distributed).
+
+One spawn of 2 processes runs every job of ``JOBS`` (tests/distributed_jobs.py); each test
+compares its job's output on both ranks with the same job run here, in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from distributed_jobs import max_difference, run_job, same, spawn
+
+from retain.distributed import REFUSED, Dist, check_method, refusal
+from retain.errors import ConfigError
+
+STEP = {"epochs": 1, "batch_size": 24}  # the 24 images of task 0 in one global batch
+JOBS = {
+    # whole runs of the closed-form methods on frozen features (SimpleCIL on a disk cache)
+    "simplecil": ("run", "simplecil", {}, True),
+    "ranpac": ("run", "ranpac", {"peft": "none", "projection_dim": 256}, False),
+    "layup": ("run", "layup", {"peft": "none", "layers": 2}, False),
+    "ease": ("run", "ease", {"epochs": 0}, False),
+    # ... and with first-session adaptation (trained over 2 ranks, then closed form)
+    "ranpac-adapted": ("run", "ranpac", {"peft": "finetune", "epochs": 1, "batch_size": 8,
+                                         "projection_dim": 256}, False),
+    # one training step: 2 ranks x 12 images against 1 process x 24
+    "finetune": ("learn", "finetune", {"lr": 0.05} | STEP, 1),
+    "l2p": ("learn", "l2p", {"lr": 0.01, "augment": False, "pool_size": 4, "top_k": 2,
+                             "prompt_length": 2, "head_type": "token"} | STEP, 1),
+    "coda_prompt": ("learn", "coda_prompt", {"layers": (0, 1), "pool_size": 6, "num_tasks": 3,
+                                             "prompt_length": 4, "lr": 0.01} | STEP, 1),
+    "aper": ("learn", "aper", {"peft": "adapter", "augment": True} | STEP, 1),
+    "slca": ("learn", "slca", {"lr": 0.05, "augment": False, "ca_samples": 32,
+                               "ca_epochs": 1} | STEP, 1),
+    # exemplar memories over 3 tasks
+    "icarl": ("learn", "icarl", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12}, 3),
+    "replay": ("learn", "replay", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12,
+                                   "memory_batch_size": 4}, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    """Per rank, {job: output} of a 2-process run of every job."""
+    outputs, _ = spawn(JOBS, world=2)
+    return outputs
+
+
+@functools.cache
+def alone(job: str):
+    """The job in this one process (on one thread, as each rank: LAPACK's solves of RanPAC's
+    ill-conditioned ridge systems, λ = 1e-8, differ in the last digits with the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_job(job, JOBS[job], Dist(), tempfile.mkdtemp(prefix="retain-one-"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["simplecil", "ranpac", "layup", "ease", "ranpac-adapted"])
+def test_closed_form_runs_equal_one_process(ranks, method):
+    one = alone(method)
+    for rank in ranks:
+        np.testing.assert_array_equal(np.array(rank[method]["matrix"], dtype=float),
+                                      np.array(one["matrix"], dtype=float))
+        assert [s["correct"] for s in rank[method]["stages"]] == \
+            [s["correct"] for s in one["stages"]]
+    for a, b, want in zip(ranks[0][method]["states"], ranks[1][method]["states"], one["states"],
+                          strict=True):
+        assert max_difference(a, b) == 0.0  # every rank solves the identical head
+        if method != "ranpac-adapted":
+            assert max_difference(a, want) < 1e-6
+        else:  # trained: float sums in another order, then a ridge solve
+            assert max_difference(a, want, relative=True) < 1e-4
+    assert [s["images_embedded"] for s in ranks[0][method]["stages"]] == \
+        [s["images_embedded"] for s in one["stages"]]
+    # every image embedded once in total across ranks, as by one process
+    assert sum(r[method]["embedded"] for r in ranks) == one["embedded"]
+    assert all(0 < r[method]["embedded"] < one["embedded"] for r in ranks)
+
+
+def test_simplecil_embeds_each_image_once(ranks):
+    one = alone("simplecil")
+    assert one["embedded"] == 6 * (12 + 6)  # every train and test image of the tiny stream
+    assert sum(r["simplecil"]["embedded"] for r in ranks) == one["embedded"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "l2p", "coda_prompt", "aper", "slca"])
+def test_one_step_of_two_ranks_equals_one_process_with_twice_the_batch(ranks, method):
+    one = alone(method)[0]
+    assert max_difference(ranks[0][method][0], ranks[1][method][0]) == 0.0
+    assert max_difference(ranks[0][method][0], one) < 1e-5
+    moved = learn_nothing(method)
+    assert max_difference(one, moved) > 1e-4  # the step moved parameters 10x the tolerance
+
+
+@pytest.mark.parametrize("method", ["icarl", "replay"])
+def test_memories_are_identical_on_both_ranks_after_every_task(ranks, method):
+    for a, b in zip(ranks[0][method], ranks[1][method], strict=True):
+        memory = {k: v for k, v in a.items() if k.startswith("memory.")}
+        assert memory and same(memory, {k: b[k] for k in memory})
+        assert same(a, b)
+
+
+def learn_nothing(method: str) -> dict:
+    """The state after task 0 at a learning rate of 1e-9 (about where the step starts)."""
+    kind, name, params, tasks = JOBS[method]
+    return run_job(method, (kind, name, params | {"lr": 1e-9}, tasks), Dist(),
+                   tempfile.mkdtemp())[0]
+
+
+# -- without processes ------------------------------------------------------------------------
+
+def test_one_process_is_a_no_op():
+    d = Dist()
+    t = torch.arange(5.0)
+    assert not d.active and d.is_main and d.shard(7) == slice(0, 7)
+    assert d.all_reduce_(t) is t and torch.equal(t, torch.arange(5.0))
+    assert d.gather_rows(t) is t and d.sum(2.5) == 2.5 and d.any(False) is False
+    x, y, share = d.batch_share(t, t)
+    assert x is t and share == 1.0
+
+
+def test_shares_partition_every_batch():
+    for world in (2, 3, 4):
+        for n in (0, 1, 5, 24):
+            for unit in (1, 4, 16):
+                parts = [Dist(rank=r, world_size=world).shard(n, unit) for r in range(world)]
+                assert [p.start for p in parts] == [0] + [p.stop for p in parts[:-1]]
+                assert parts[-1].stop == n
+                assert all(p.start % unit == 0 for p in parts)
+            shares = [Dist(rank=r, world_size=world).batch_share(torch.arange(n),
+                                                                  torch.arange(n))[2]
+                      for r in range(world)]
+            assert n == 0 or sum(shares) == pytest.approx(1.0)
+
+
+def test_methods_with_their_own_loops_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in REFUSED:
+        with pytest.raises(ConfigError, match=f"method {name} cannot run in several processes"):
+            check_method(name)
+    check_method("simplecil")
+    assert refusal("simplecil") is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_method("den")  # one process: every method runs
+
+
+def test_run_refuses_a_refused_method_under_torchrun(monkeypatch, tmp_path, tiny_dataset):
+    from retain.config import RunConfig
+    from retain.runner import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = RunConfig(method="den", dataset=tiny_dataset, backbone="pixels", image_size=16,
+                       scenario="TIL-B0Inc2", out=str(tmp_path / "den"), cache=False)
+    with pytest.raises(ConfigError, match="method den cannot run in several processes"):
+        run(config, echo=lambda *_: None)
+    assert not (tmp_path / "den").exists()
+
+
+# -- torchrun: kill -9 mid-stream, then the same command resumes ------------------------------
+
+RESUMED = ["--method", "ranpac", "--set", "params.peft=none", "--set", "params.projection_dim=256",
+           "--dataset", "digits", "--backbone", "vit_tiny_random", "--image-size", "16",
+           "--scenario", "B0Inc2", "--set", "subset.train=30", "--set", "subset.test=10",
+           "--device", "cpu", "--quiet"]
+
+
+def torchrun(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "retain", "run", *args]
+
+
+@pytest.mark.slow
+def test_kill_9_of_two_processes_then_torchrun_resumes_to_the_same_results(tmp_path):
+    from retain.config import make_config
+    from retain.runner import run
+
+    out, cache = tmp_path / "victim", ["--cache-dir", str(tmp_path / "cache")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen(torchrun(RESUMED + cache + ["--out", str(out)]), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline, done = time.time() + 240, 0
+    while time.time() < deadline and victim.poll() is None:  # one finished task, then kill -9
+        if (out / "results.json").is_file():
+            done = len(json.loads((out / "results.json").read_text())["stages"])
+            if done >= 1:
+                break
+        time.sleep(0.05)
+    for pid in [victim.pid, *descendants(victim.pid)]:  # torchrun's agent and both workers
+        with contextlib.suppress(ProcessLookupError):  # (each worker has its own session)
+            os.kill(pid, signal.SIGKILL)
+    victim.wait()
+    done = len(json.loads((out / "results.json").read_text())["stages"])
+    assert 1 <= done < 5
+    again = subprocess.run(torchrun(RESUMED + cache + ["--out", str(out)]), env=env,
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count(f"resuming {out}: {done} of 5 tasks") == 1  # rank 0 alone prints
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["environment"]["processes"] == 2 and len(resumed["stages"]) == 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the same stream in one uninterrupted process
+        flags, sets = _flags(RESUMED)
+        ref = run(make_config(flags=flags | {"out": str(tmp_path / "ref")}, sets=sets),
+                  echo=lambda *_: None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], dtype=float),
+                                  np.array(ref["accuracy_matrix"], dtype=float))
+    assert [s["correct"] for s in resumed["stages"]] == [s["correct"] for s in ref["stages"]]
+
+
+def descendants(pid: int) -> list[int]:
+    """The pids of every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _flags(args: list[str]) -> tuple[dict, list[str]]:
+    """Command-line ``args`` as make_config's flags and sets (no cache: a fresh pass)."""
+    flags, sets, it = {"cache": False}, [], iter(args)
+    for a in it:
+        if a == "--quiet":
+            continue
+        value = next(it)
+        if a == "--set":
+            sets.append(value)
+        else:
+            key = a[2:].replace("-", "_")
+            flags[key] = int(value) if key == "image_size" else value
+    return flags, sets
+
+
+def test_python_m_retain_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "retain", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Continual learning" in done.stdout
