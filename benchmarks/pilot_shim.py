@@ -16,6 +16,11 @@ what the benchmark wrote (all of it visible in this file):
   ``build_model_with_cfg`` and the classes ``vit_adapter``, ``vit_ease`` and ``vpt`` build
   directly);
 * CPU: ``device: [-1]`` (PILOT's own CPU switch), ``num_workers=0`` in every DataLoader;
+* CODA-Prompt on the CPU: ``backbone/vit_coda_promtpt.py`` starts its prompt loss as
+  ``torch.zeros((1,), requires_grad=True).to(device)`` and adds to it in place; on a GPU
+  ``.to`` returns a copy (not a leaf), on the CPU the leaf itself, and the in-place add fails.
+  That module's ``torch.zeros`` is given a non-leaf result (``zeros(...) * 1``: the same value
+  and gradient as the GPU copy); nothing else in it changes;
 * top-1 only: ``topk = 1`` (PILOT's top-5 needs at least 5 classes; the first stage has fewer;
   its top-5 curve then logs the top-1);
 * the top-1 accuracy of every stage is written to ``--out`` as JSON.
@@ -119,6 +124,9 @@ def _patch(cfg: dict) -> list:
         module = importlib.import_module(name)
         setattr(module, cls, _shaped(getattr(module, cls), arch))
 
+    coda = importlib.import_module("backbone.vit_coda_promtpt")
+    coda.torch = _NonLeafZeros(torch)
+
     # -- evaluation -------------------------------------------------------------------------
     from models.base import BaseLearner
 
@@ -138,6 +146,20 @@ def _patch(cfg: dict) -> list:
 
     BaseLearner.__init__, BaseLearner.eval_task = init, evaluate
     return stages
+
+
+class _NonLeafZeros:
+    """``torch`` whose ``zeros(..., requires_grad=True)`` is not a leaf (as after ``.to(cuda)``)."""
+
+    def __init__(self, torch_module):
+        self._torch = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def zeros(self, *args, requires_grad: bool = False, **kwargs):
+        out = self._torch.zeros(*args, requires_grad=requires_grad, **kwargs)
+        return out * 1 if requires_grad else out
 
 
 def _shaped(cls, arch: dict):

@@ -68,6 +68,23 @@ def test_old_head_rows_get_no_gradient(tiny_vit, scenario):
     assert not torch.equal(m.net_.pool.keys.detach(), keys)  # the shared pool did train
 
 
+def test_head_rows_start_as_timms_vit_head():
+    """New head rows as l2p-pytorch / PILOT's timm ViT head (``init_weights_vit_timm``):
+    weight ~ N(0, 0.02²), bias 0; not nn.Linear's U(±1/√D) weight and bias."""
+    from retain.layers.heads import IncrementalLinear
+
+    timm_head, linear = IncrementalLinear(768, init="timm"), IncrementalLinear(768)
+    for head in (timm_head, linear):
+        head.expand(200, torch.Generator().manual_seed(0))
+    assert torch.equal(timm_head.bias, torch.zeros(200))
+    assert abs(float(timm_head.weight.std()) - 0.02) < 5e-4  # 153,600 draws
+    bound = 768 ** -0.5
+    assert float(linear.bias.abs().max()) <= bound and float(linear.bias.abs().max()) > 0
+    assert abs(float(linear.weight.std()) - bound / 3 ** 0.5) < 5e-4
+    with pytest.raises(ValueError, match="init must be"):
+        IncrementalLinear(4, init="zeros")
+
+
 def test_test_queries_come_from_the_feature_cache(tiny_vit, scenario):
     m, ctx = create_method("l2p", tiny_vit, **FAST), Context()
     m.learn(scenario[0], ctx)

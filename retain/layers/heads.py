@@ -36,10 +36,20 @@ class CosineHead(nn.Module):
 
 
 class IncrementalLinear(nn.Module):
-    """A linear head over every class seen so far; ``expand`` keeps the old rows."""
+    """A linear head over every class seen so far; ``expand`` keeps the old rows.
 
-    def __init__(self, dim: int, num_classes: int = 0):
+    New rows get nn.Linear's initialisation (``init="linear"``: weight and bias ~ U(±1/√D)), or
+    timm's ViT head initialisation (``"timm"``: weight ~ N(0, 0.02²), timm's
+    ``trunc_normal_(std=.02)`` whose bounds ±2 lie 100 σ out, bias 0), which L2P and DualPrompt
+    inherit from their timm-based ViTs (l2p-pytorch, LAMDA-PILOT ``backbone/vit_l2p.py``,
+    ``vit_dualprompt.py``: ``init_weights_vit_timm``).
+    """
+
+    def __init__(self, dim: int, num_classes: int = 0, *, init: str = "linear"):
         super().__init__()
+        if init not in ("linear", "timm"):
+            raise ValueError(f"init must be 'linear' or 'timm', got {init!r}")
+        self.init = init
         self.weight = nn.Parameter(torch.zeros(num_classes, dim))  # (C, D)
         self.bias = nn.Parameter(torch.zeros(num_classes))  # (C,)
 
@@ -49,13 +59,17 @@ class IncrementalLinear(nn.Module):
 
     @torch.no_grad()
     def expand(self, num_classes: int, generator: torch.Generator | None = None) -> None:
-        """Grow to ``num_classes`` outputs; new rows get nn.Linear's default initialisation."""
+        """Grow to ``num_classes`` outputs; new rows initialised as ``init`` says."""
         new = num_classes - self.num_classes
         if new <= 0:
             return
-        bound = 1.0 / self.weight.shape[1] ** 0.5
-        w = torch.empty(new, self.weight.shape[1]).uniform_(-bound, bound, generator=generator)
-        b = torch.empty(new).uniform_(-bound, bound, generator=generator)
+        w, b = torch.empty(new, self.weight.shape[1]), torch.zeros(new)  # (new, D), (new,)
+        if self.init == "timm":
+            w.normal_(0.0, 0.02, generator=generator)
+        else:
+            bound = 1.0 / self.weight.shape[1] ** 0.5
+            w.uniform_(-bound, bound, generator=generator)
+            b.uniform_(-bound, bound, generator=generator)
         self.weight = nn.Parameter(torch.cat([self.weight.data, w.to(self.weight)]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, b.to(self.bias)]))
 

@@ -7,7 +7,8 @@ highest cos(q, k_i) and its prompts enter the sequence after the class token,
 ``[CLS, P_{i1}, …, P_{iN}, patches]``, each prompt token with the class token's positional
 embedding. The feature is the mean of the final-layer outputs at the N·L prompt positions
 (``head_type="prompt"``; ``"token"``: the class token) and a linear head over all seen classes
-scores it. Training minimises
+scores it (its rows start as the timm ViT head of l2p-pytorch and PILOT: N(0, 0.02²), bias 0).
+Training minimises
 
     L = CE(z̃, y) − λ · (1/B) Σ_b Σ_{i∈sel(b)} cos(q_b, k_i)
 
@@ -90,7 +91,7 @@ class L2P(Method):
         pool = PromptPool(self.pool_size, self.prompt_length, self.backbone.feature_dim,
                           generator=generator)
         return _L2PNet(frozen_copy(self.backbone.model), pool,
-                       IncrementalLinear(self.backbone.feature_dim), self)
+                       IncrementalLinear(self.backbone.feature_dim, init="timm"), self)
 
     def _learn(self, task: Task, ctx: Context) -> None:
         if self.net_ is None:
