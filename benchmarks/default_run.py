@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from retain.runner import cpu_name  # the fingerprint every results.json records
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -41,16 +43,6 @@ def timed_run(argv: list[str], env: dict) -> tuple[float, float, str]:
         raise SystemExit(f"retain run failed:\n{p.stderr}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu, p.stdout
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
@@ -72,7 +64,7 @@ def main() -> None:
            "images_embedded_first_run": 5000,
            "avg_incremental_accuracy": results["summary"]["avg_incremental_accuracy"],
            "last_accuracy": results["summary"]["last_accuracy"],
-           "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(),
+           "machine": {"cpus": os.cpu_count(), "cpu": cpu_name(),
                        "affinity": len(os.sched_getaffinity(0)),
                        "loadavg_before": [round(x, 2) for x in load_before],
                        "loadavg_after": [round(x, 2) for x in load_after],

@@ -16,6 +16,7 @@ code; their cosine steps per batch (a 1-epoch run still decays).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -266,3 +267,14 @@ def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str
     """Load into ``module`` the entries of ``state`` whose keys start with ``prefix`` (stripped),
     strictly: every key of ``module`` must be there."""
     module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+@contextlib.contextmanager
+def seeded(generator: torch.Generator, device: torch.device):
+    """Global RNG draws inside (dropout, drop-path, timm's initialisation) seeded from
+    ``generator``, so a run is reproducible and resumable; the caller's RNG state (CPU, and the
+    CUDA device in use) is restored afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        yield

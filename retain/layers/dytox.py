@@ -17,8 +17,6 @@ arthurdouillard/dytox @4da25c1), used by ``retain.methods.dytox``.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -156,13 +154,3 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int, flip: bool) -> torc
         mask = torch.rand(b, generator=g) < 0.5
         out[mask] = out[mask].flip(-1)
     return out  # (B, C, S, S)
-
-
-@contextlib.contextmanager
-def seeded(generator: torch.Generator, device: torch.device):
-    """Global RNG draws inside (timm's initialisation, stochastic depth) seeded from
-    ``generator``, so a run is reproducible and resumable; the caller's RNG state is restored."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        yield

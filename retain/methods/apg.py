@@ -43,7 +43,6 @@ Prediction is per sample; no task id. Followed: the files above, ``trans_classif
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal
 
@@ -60,7 +59,7 @@ from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
 from ..layers.schedules import warmup_cosine
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, image_inputs
+from ..training import fit, image_inputs, seeded
 from ..transforms import Augment
 from .base import GROWS, VIT, Method, Needs, count, register_method
 
@@ -151,7 +150,7 @@ class APG(Method):
         net.generator.tokens.grow(task.num_seen - len(net.generator.tokens),
                                   ctx.generator(task.id, 2))
         net.to(ctx.device)
-        with _seeded(ctx, task.id, 5):  # the generator's dropout
+        with seeded(ctx.generator(task.id, 5), ctx.device):  # the generator's dropout
             self._train(task, ctx)
         if not task.new_classes:  # nothing new to describe (a stream that revisits classes)
             return
@@ -264,15 +263,6 @@ class APG(Method):
         base = count(self.backbone.model)
         learned = 0 if self.net_ is None else count(self.net_) - count(self.net_.vit)
         return {"trainable": learned, "total": base + learned}
-
-
-@contextlib.contextmanager
-def _seeded(ctx: Context, *salt: int):
-    """torch's global RNG (dropout) seeded from ``ctx`` inside, restored afterwards."""
-    devices = [ctx.device] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(2**62, (1,), generator=ctx.generator(*salt))))
-        yield
 
 
 class _APGNet(nn.Module):

@@ -48,14 +48,13 @@ from ..layers.dytox import (
     crop_flip,
     dytox_loss,
     mixup,
-    seeded,
     soft_targets,
 )
 from ..layers.inject import frozen_copy
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, predict_batches
+from ..training import image_inputs, predict_batches, seeded
 from .base import GROWS, NEW_CLASSES, PIXELS, USES_MEMORY, Method, Needs, count, register_method
 
 

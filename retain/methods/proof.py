@@ -53,7 +53,7 @@ from ..layers.proof import (
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import ScheduleUnit, feature_inputs, fit, predict_batches
+from ..training import ScheduleUnit, feature_inputs, fit, predict_batches, seeded
 from .base import CLIP, GROWS, USES_MEMORY, Method, Needs, count, register_method
 
 
@@ -131,10 +131,7 @@ class Proof(Method):
 
     def _fit(self, x: torch.Tensor, y: torch.Tensor, task: Task, ctx: Context) -> None:
         """SGD + cosine on PROOF's loss over cached features x (N, E) and labels y (N,)."""
-        seed = int(torch.randint(2**62, (1,), generator=ctx.generator(task.id, 3)))
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # dropout draws, reproducibly
-            torch.manual_seed(seed)
+        with seeded(ctx.generator(task.id, 3), ctx.device):  # dropout draws, reproducibly
             fit(_Training(self.net_), lambda pos: (x[pos], y[pos]), y, ctx, epochs=self.epochs,
                 lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
                 momentum=self.momentum, generator=ctx.generator(task.id, 2),

@@ -35,7 +35,6 @@ so the feature cache embeds each test image once per network version.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from functools import partial
@@ -52,7 +51,7 @@ from ..errors import ConfigError
 from ..layers.gaussian import ClassGaussians
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import feature_inputs, fit, image_inputs, load_prefixed, predict_batches
+from ..training import feature_inputs, fit, image_inputs, load_prefixed, predict_batches, seeded
 from ..transforms import Augment
 from .base import GROWS, NEW_CLASSES, Method, Needs, count, register_method
 
@@ -186,7 +185,7 @@ class SLCA(Method):
         opt = self._optimizer(net, head)  # rates × lr_decay after epoch `milestone`, as official
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [self.milestone], self.lr_decay)
         targets = torch.from_numpy(task.train.targets) - min(task.new_classes)
-        with _seeded_rng(ctx, g):  # dropout / drop-path of the network, if it has any
+        with seeded(g, ctx.device):  # dropout / drop-path of the network, if it has any
             fit(model, self._train_inputs(task.train, g), targets, ctx, epochs=self.epochs,
                 batch_size=self.batch_size, generator=g, optimizer=opt, scheduler=sched,
                 schedule_unit="epoch", desc=f"slca task {task.id}")
@@ -255,16 +254,3 @@ class SLCA(Method):
         heads = 0 if self.heads_ is None else count(self.heads_)
         trainable = heads + (body if self.backbone_lr_scale > 0 else 0)
         return {"trainable": trainable, "total": body + heads}
-
-
-@contextlib.contextmanager
-def _seeded_rng(ctx: Context, generator: torch.Generator):
-    """Seed torch's global RNG (CPU, and the CUDA device in use) from ``generator``, and restore
-    it afterwards: stochastic layers (dropout, drop-path) become reproducible and resumable."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    cuda = ctx.device.type == "cuda"
-    with torch.random.fork_rng(devices=[ctx.device] if cuda else []):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)
-        yield
