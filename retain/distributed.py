@@ -213,13 +213,23 @@ class Dist:
         """This rank's rows of a global batch (``x`` a tensor or nested tuples of tensors, one
         row per target of ``y``) and their share of the batch: the loss weight that makes the
         summed gradients those of the global batch's mean loss. Inputs that are not one row per
-        sample (replay appends a memory batch) are kept whole on every rank, at weight 1/W."""
+        sample (replay appends a memory batch), or a batch smaller than the number of ranks,
+        are kept whole on every rank, at weight 1/W."""
         if not self.active:
             return x, y, 1.0
-        if not _rows_match(x, len(y)):
+        if not _rows_match(x, len(y)) or len(y) < self.world_size:  # (no rank left empty)
             return x, y, 1.0 / self.world_size
         part = self.shard(len(y))
         return _take(x, part), y[part], (part.stop - part.start) / max(len(y), 1)
+
+    def gather_with_grad(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of ``t`` in rank order (as ``gather_rows``), differentiable: the
+        gradient of the gathered rows flows back to this rank's own rows only. For a loss that
+        every rank computes identically on the whole gathered batch (in-batch contrast, B x B
+        similarities), summing the ranks' gradients then gives exactly one process's."""
+        if not self.active:
+            return t
+        return _GatherRows.apply(t, self)
 
     def reduce_gradients(self, params) -> None:
         """Sum the gradients of ``params`` over ranks (one flat all-reduce). A parameter that no
@@ -287,6 +297,21 @@ class Dist:
         first = next(((r, m) for r, m in enumerate(seen) if m is not None), None)
         if first is not None:
             raise RetainError(f"rank {first[0]} stopped: {first[1]}")
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows forward; backward keeps the slice of the (identical) gradient that
+    belongs to this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, dist: Dist) -> torch.Tensor:
+        sizes = dist.all_gather_object(len(t))
+        ctx.rows = slice(sum(sizes[: dist.rank]), sum(sizes[: dist.rank + 1]))
+        return dist.gather_rows(t.detach()).to(t.device, t.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rows], None
 
 
 def _rows_match(x, n: int) -> bool:

@@ -34,6 +34,7 @@ from .layers.distill import Carry, kd_loss
 from .transforms import Augment
 
 Inputs = Callable[[np.ndarray], torch.Tensor]
+Shard = Literal["loss", "outputs", "replicate"]  # how ranks split a batch: backward_share
 ScheduleUnit = Literal["epoch", "step"]  # when a learning-rate schedule steps
 
 
@@ -42,7 +43,8 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         momentum: float = 0.9, generator: torch.Generator, loss_fn: Callable | None = None,
         desc: str = "train", optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        schedule_unit: ScheduleUnit = "epoch", clip_grad: float | None = None) -> list[float]:
+        schedule_unit: ScheduleUnit = "epoch", clip_grad: float | None = None,
+        shard: Shard = "loss") -> list[float]:
     """Train ``model``'s trainable parameters; returns the mean loss of each epoch.
 
     ``inputs(pos)`` gives a tensor or a tuple of tensors (then ``model(*x)``, e.g. images and
@@ -60,7 +62,8 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
     augmentation draws are those of one process), computes the loss of its contiguous share
     weighted by the share's fraction of the batch, and the gradients are summed across ranks
     before the clip and the step: one step of N ranks x b equals one process with N·b for any
-    loss that is a per-sample mean plus batch-independent terms.
+    loss that is a per-sample mean plus batch-independent terms (``shard``: see
+    ``backward_share`` for losses that couple the samples of a batch).
     """
     if schedule_unit not in ("epoch", "step"):
         raise ValueError(f"schedule_unit must be 'epoch' or 'step', got {schedule_unit!r}")
@@ -77,14 +80,10 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
         for start in range(0, n, batch_size):
             pos = perm[start : start + batch_size]
             bar.update(len(pos))
-            x, y, share = ctx.dist.batch_share(inputs(pos), targets[pos])  # this rank's rows
             opt.zero_grad(set_to_none=True)
-            if len(y):
-                x, y = _to(x, ctx.device), y.to(ctx.device)
-                loss = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
-                (loss * share if share != 1.0 else loss).backward()
-                total += float(loss.detach()) * share * len(pos)
-            ctx.dist.reduce_gradients(p for g in opt.param_groups for p in g["params"])
+            total += backward_share(model, loss_fn, inputs(pos), targets[pos], ctx,
+                                    [p for g in opt.param_groups for p in g["params"]],
+                                    shard) * len(pos)
             if clip_grad is not None:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                          clip_grad)
@@ -98,6 +97,46 @@ def fit(model: nn.Module, inputs: Inputs, targets: torch.Tensor, ctx: Context, *
     ctx.dist.same_state(model, generator)
     model.eval()
     return losses
+
+
+def backward_share(model: Callable, loss_fn: Callable, x, y: torch.Tensor, ctx: Context,
+                   params, shard: Shard = "loss") -> float:
+    """Backward of one global batch ``(x, y)`` (on the CPU; ``x`` a tensor or tuple of
+    tensors) through ``loss_fn(model(x), y)``, shared across ranks: after it, the gradients of
+    ``params`` on every rank are those of one process on the whole batch. Returns this rank's
+    part of the batch's loss (its sum over ranks is the batch's loss; in one process, the loss).
+
+    ``shard`` says how the ranks split the batch:
+    - "loss": each rank runs its contiguous share of the rows, its loss weighted by its share
+      of the batch, gradients summed. Exact when the loss is a per-sample mean plus
+      batch-independent terms (cross-entropy, distillation, weight penalties).
+    - "outputs": each rank runs the model on its share; the outputs are gathered (gradients
+      flow back to each rank's own rows) and every rank computes the loss of the whole batch.
+      Exact for any loss of the batch's outputs (in-batch contrast, B x B similarities);
+      not for models whose forward couples samples (BatchNorm in training mode), and a term
+      of the parameters alone (a weight penalty) would count N times: add it in "loss" mode.
+    - "replicate": every rank computes the whole batch, at weight 1/N. Exact whatever the
+      model draws per batch (dropout masks of the batch's shape), no gain in speed: for small
+      heads on cached features.
+    """
+    if shard not in ("loss", "outputs", "replicate"):
+        raise ValueError(f"shard must be 'loss', 'outputs' or 'replicate', got {shard!r}")
+    dist, whole = ctx.dist, y
+    if shard == "replicate":
+        share = 1.0 / dist.world_size
+    else:
+        x, y, share = dist.batch_share(x, y)  # this rank's rows (all rows in one process)
+    gather = shard == "outputs" and dist.active and len(y) < len(whole)
+    x, y = _to(x, ctx.device), y.to(ctx.device)
+    out = model(*x) if isinstance(x, tuple) else model(x)
+    if gather:  # the whole batch's outputs on every rank, each rank's gradient to its rows
+        out = tuple(map(dist.gather_with_grad, out)) if isinstance(out, tuple) else \
+            dist.gather_with_grad(out)
+        y, share = whole.to(ctx.device), 1.0
+    loss = loss_fn(out, y)
+    (loss * share if share != 1.0 else loss).backward()
+    dist.reduce_gradients(params)
+    return float(loss.detach()) * (1.0 / dist.world_size if gather else share)
 
 
 def progress_bar(ctx: Context, images: int, desc: str) -> tqdm:

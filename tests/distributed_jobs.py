@@ -101,8 +101,37 @@ def learn_tasks(method: str, params: dict, tasks: int, dist: Dist) -> list[dict]
     return out
 
 
+def coupled_step(shard: str, n: int, dist: Dist) -> dict:
+    """Gradients after ``training.backward_share`` of one batch of ``n`` rows through a linear
+    map with dropout, under an in-batch B x B contrastive loss (every sample against every
+    other): exact across ranks only where the shard mode gathers or replicates."""
+    import torch.nn.functional as F
+
+    from retain.training import backward_share, seeded
+
+    g = torch.Generator().manual_seed(7)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4),
+                                    torch.nn.Dropout(0.5 * (shard == "replicate")))
+    x, y = torch.randn(n, 5, generator=g), torch.arange(n) % 3
+
+    def contrast(z, y):  # (B, 4): CLIP-style, each row's positive is itself
+        z = F.normalize(z, dim=-1)
+        return F.cross_entropy(z @ z.T / 0.1, torch.arange(len(z))) + F.cross_entropy(z[:, :3], y)
+
+    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
+                  progress=False)
+    with seeded(torch.Generator().manual_seed(3), ctx.device):
+        part = backward_share(model, contrast, x, y, ctx, list(model.parameters()), shard)
+    return {"loss": torch.tensor(dist.sum(part))} | \
+        {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
 def run_job(name: str, job: tuple, dist: Dist, folder: str) -> object:
     kind, *args = job
+    if kind == "coupled":
+        return coupled_step(*args, dist=dist)
     if kind == "run":
         method, params, cached = args
         cache = str(Path(folder) / "cache") if cached else None

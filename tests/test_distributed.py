@@ -48,6 +48,9 @@ JOBS = {
     "icarl": ("learn", "icarl", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12}, 3),
     "replay": ("learn", "replay", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12,
                                    "memory_batch_size": 4}, 3),
+    # one backward of an in-batch contrastive loss under each way of sharding a batch
+    **{f"coupled-{mode}-{n}": ("coupled", mode, n) for mode in ("loss", "outputs", "replicate")
+       for n in (7, 1)},
 }
 
 
@@ -105,6 +108,22 @@ def test_one_step_of_two_ranks_equals_one_process_with_twice_the_batch(ranks, me
     assert max_difference(ranks[0][method][0], one) < 1e-5
     moved = learn_nothing(method)
     assert max_difference(one, moved) > 1e-4  # the step moved parameters 10x the tolerance
+
+
+@pytest.mark.parametrize("n", [7, 1])
+@pytest.mark.parametrize("mode", ["outputs", "replicate"])
+def test_losses_that_couple_a_batch_get_one_process_gradients(ranks, mode, n):
+    """Gathered outputs (B x B contrast) and replicated batches (dropout of the batch's shape)
+    give the one-process gradient and loss on every rank; a batch of 1 row is replicated."""
+    one = alone(f"coupled-{mode}-{n}")
+    for rank in ranks:
+        assert max_difference(rank[f"coupled-{mode}-{n}"], one) < 1e-6
+
+
+def test_splitting_the_loss_of_a_coupled_batch_is_not_one_process(ranks):
+    """The default ("loss") is wrong for an in-batch contrast: what the other modes are for."""
+    assert max_difference(ranks[0]["coupled-loss-7"], alone("coupled-loss-7")) > 1e-3
+    assert max_difference(ranks[0]["coupled-loss-1"], alone("coupled-loss-1")) < 1e-6
 
 
 @pytest.mark.parametrize("method", ["icarl", "replay"])
