@@ -329,7 +329,9 @@ def _setting(s: dict) -> str:
     st = s["stream"]
     return (f"{st['dataset']} {st['classes']} cl. B{s['init']}Inc{s['inc']}, "
             f"{st['train_per_class']}/{st['test_per_class']} img, {s['epochs']} ep., "
-            f"batch {s.get('batch_size', 4)}, seeds {','.join(map(str, s['seeds']))}")
+            f"batch {s.get('batch_size', 4)}, seeds {','.join(map(str, s['seeds']))}"
+            + "".join(f"; {side} {', '.join(s[f'{side}_set'])}" for side in ("pilot", "retain")
+                      if s.get(f"{side}_set")))
 
 
 def _cell(d: dict, key: str) -> str:
@@ -358,6 +360,12 @@ def main() -> None:
                    help="torch threads per side (1 is fastest on a busy machine)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--tag", default="", help="results key suffix: method@TAG (another setting)")
+    p.add_argument("--pilot-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of PILOT's config values for the chosen methods "
+                        "(e.g. lrate=0.001 for slca); give a --tag")
+    p.add_argument("--retain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one of retain's hyper-parameters for the chosen methods "
+                        "(e.g. lr=0.001); give a --tag")
     a = p.parse_args()
     a.work = a.work.resolve()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -367,6 +375,12 @@ def main() -> None:
     register_parity_backbone(a.image_size, a.depth)
     tasks = 1 + math.ceil((a.classes - a.init) / a.inc)
     table = methods(a.epochs, a.batch_size, tasks)
+    if (a.pilot_set or a.retain_set) and not a.tag:
+        p.error("--pilot-set/--retain-set change the setting: give it a --tag")
+    for spec in table.values():
+        for side, sets in (("pilot", a.pilot_set), ("retain", a.retain_set)):
+            name, values = spec[side]
+            spec[side] = (name, values | _assignments(sets))
     a.setup_key = hashlib.sha256(json.dumps(
         [stream, sha, a.init, a.inc, a.image_size, a.depth, a.epochs, a.batch_size],
         sort_keys=True).encode()).hexdigest()[:12]
@@ -376,6 +390,7 @@ def main() -> None:
                         "image_size": a.image_size, "depth": a.depth, "epochs": a.epochs,
                         "batch_size": a.batch_size, "seeds": a.seeds,
                         "weights_sha256": sha, "pilot_commit": commit,
+                        "pilot_set": a.pilot_set, "retain_set": a.retain_set,
                         "command": " ".join(sys.argv)}, "methods": {}, "failed": {}}
     for name in a.methods or list(table):
         spec = table[name]
@@ -404,6 +419,19 @@ def main() -> None:
         write(a.results, report)  # after every method: an interrupted run keeps its table
     write(a.results, report)
     print(markdown(report))
+
+
+def _assignments(sets: list[str]) -> dict:
+    """KEY=VALUE strings -> {KEY: VALUE parsed as YAML (numbers, booleans, null, lists)}."""
+    import yaml
+
+    out = {}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: expected KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def write(folder: Path, report: dict) -> None:

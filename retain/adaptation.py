@@ -11,7 +11,8 @@ Two recipes (``recipe``):
 
 * ``"sgd"`` (APER, RanPAC, as LAMDA-PILOT): SGD with momentum, cosine to 0 stepped once per
   epoch (``retain.training.fit``'s default; ``schedule_unit="step"``: after every batch), a
-  cosine head whose σ is learned from 1, weights ~ N(0, 0.02²);
+  cosine head whose σ is learned from 1, weights ~ U(±1/√D) (PILOT's ``CosineLinear``; before
+  2026-12 retain drew N(0, 0.02²): the same row norm in expectation, other directions);
 * ``"layup"`` (LayUP ``main.py::fsa``): AdamW (one rate and weight decay for the tuned module
   and the head), ``CosineLinear(sigma=30)`` with σ fixed and weights ~ U(±1/√D), and
   ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch (here a per-epoch factor stepped
@@ -101,11 +102,10 @@ def _head(recipe: Recipe, dim: int, num_classes: int, generator: torch.Generator
     """The temporary cosine head of the first session (module docstring)."""
     if recipe == "sgd":
         head = CosineHead(dim, num_classes)  # σ learned from 1
-        nn.init.normal_(head.weight, std=0.02, generator=generator)
     else:
         head = CosineHead(dim, num_classes, learn_sigma=False, sigma=30.0)
-        bound = 1.0 / math.sqrt(dim)  # CosineLinear.reset_parameters
-        nn.init.uniform_(head.weight, -bound, bound, generator=generator)
+    bound = 1.0 / math.sqrt(dim)  # CosineLinear.reset_parameters (PILOT, RanPAC, LayUP)
+    nn.init.uniform_(head.weight, -bound, bound, generator=generator)
     return head
 
 
