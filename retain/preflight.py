@@ -232,7 +232,11 @@ def earlier_results(run_dir: Path) -> None:
 
 
 def read_results(path: Path, fix: str) -> dict:
-    """The results dict in ``path``, or a ConfigError saying what is wrong with the file."""
+    """The results dict in ``path``; a ConfigError when it is not JSON, an IntegrityError naming
+    the field when it fails ``retain.verify.check_results`` (the runner's checks on resuming)."""
+    from .errors import IntegrityError
+    from .verify import check_results
+
     try:
         results = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
@@ -240,26 +244,11 @@ def read_results(path: Path, fix: str) -> dict:
         raise ConfigError(f"{path} is {reason}: truncated or damaged; {fix}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {path} ({e.strerror}); {fix}") from None
-    problem = results_problem(results)
-    if problem:
-        raise ConfigError(f"{path} is not a results file written by retain run ({problem}); "
-                          f"{fix}")
-    return results
-
-
-def results_problem(results) -> str | None:
-    """What keeps ``results`` from being shown or resumed (None: nothing). The shape only."""
-    if not isinstance(results, dict):
-        return f"it holds a {type(results).__name__}, not a mapping"
-    for key, kind in (("config", dict), ("stages", list), ("backbone", dict)):
-        if not isinstance(results.get(key), kind):
-            return f"'{key}' is missing or not a {kind.__name__}"
-    for i, st in enumerate(results["stages"]):
-        ok = isinstance(st, dict) and all(
-            isinstance(st.get(k), list) and len(st[k]) == i + 1 for k in ("correct", "total"))
-        if not ok:
-            return f"stage {i} lacks {i + 1} correct/total counts"
-    return None
+    try:
+        return check_results(results, path)
+    except IntegrityError as e:
+        raise IntegrityError(f"{path} is not a results file written by retain run "
+                             f"({getattr(e, 'problem', e)}); {fix}") from None
 
 
 def summary(config: RunConfig) -> str:

@@ -44,9 +44,11 @@ class _Check:
 
     def __call__(self, ok: bool, field: str, why: str) -> None:
         if not ok:
-            raise IntegrityError(
+            error = IntegrityError(
                 f"{self.path}: field {field} {why}; the file was altered or damaged (`retain "
                 f"verify {self.path.parent}` checks the whole folder; --fresh starts the run over)")
+            error.problem = f"field {field} {why}"  # the reason alone (preflight's wording)
+            raise error
 
 
 def _int(v) -> bool:

@@ -165,7 +165,7 @@ def test_results_json_damaged_is_an_error_from_run_and_show(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for content, words in [(b"", "is empty"), (b'{"config": {', "not valid JSON"),
-                           (b"[1, 2]", "not a results file"), (b'{"config": {}}', "'stages'")]:
+                           (b"[1, 2]", "not a results file"), (b'{"config": {}}', "field format")]:
         (run_dir / "results.json").write_bytes(content)
         for argv in (["show", str(run_dir)], ["run", "--out", str(run_dir)]):
             assert main(argv) == 2
