@@ -117,12 +117,18 @@ def test_pull_term_and_forced_prompt_by_hand(tiny_vit, scenario):
     assert not torch.allclose(net(x, q, forced)[0], logits)
 
 
-def test_only_learned_tasks_keys_compete(tiny_vit, scenario):
-    m, ctx = learned(tiny_vit, scenario, tasks=1)
+@pytest.mark.parametrize("test_keys", ["learned", "pool"])
+def test_only_learned_tasks_keys_compete_unless_the_whole_pool_is_asked(tiny_vit, scenario,
+                                                                        test_keys):
+    m, ctx = learned(tiny_vit, scenario, tasks=1, test_keys=test_keys)
     q = ctx.features(tiny_vit, scenario[0].test)  # (N, D)
     with torch.no_grad():
         m.net_.keys.keys[1:].copy_(q[:3])  # better matches, but of tasks not learned yet
-    assert (m.net_.choose(m.net_.keys.similarity(q)) == 0).all()
+    chosen = m.net_.choose(m.net_.keys.similarity(q))[:, 0]  # (N,)
+    if test_keys == "learned":
+        assert (chosen == 0).all()
+    else:  # DP-pt / PILOT: the untrained keys win where they match better
+        assert chosen[:3].tolist() == [1, 2, 3]
 
 
 def test_per_sample_selection_ignores_the_batch_and_vote_is_labelled(tiny_vit, scenario):

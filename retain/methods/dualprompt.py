@@ -26,7 +26,10 @@ top-1 index of the batch is used for every sample) and labels the run as using b
 information (protocol-pitfalls §1.1).
 
 Deviations from the reference code: selection at test time is per sample by default and only the
-keys of learned tasks compete (the reference code matches all ``pool_size`` keys); more tasks
+keys of learned tasks compete (the reference code and PILOT match all ``pool_size`` keys, so
+before the last task a sample can take an untrained key and its random E-prompt; this moves
+their intermediate stages, and with few training steps, when the keys have barely moved from
+U(-1, 1), even the last: ``test_keys="pool"`` reproduces it); more tasks
 than pool entries is an error (the reference silently falls back to key matching in training);
 E-prefixes are gathered per sample with K/V kept apart (the layout DP-pt's ``reshape`` mixes for
 batches larger than one, pitfalls §4.36). No label smoothing, as DP-pt: its configs declare
@@ -34,6 +37,8 @@ batches larger than one, pitfalls §4.36). No label smoothing, as DP-pt: its con
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -73,7 +78,7 @@ class DualPrompt(Method):
                  pool_size: int = 10, pull_coeff: float = 0.1, epochs: int = 5,
                  lr: float = 0.001, batch_size: int = 24, clip_grad: float | None = 1.0,
                  augment: bool = True, shared_prompt_pool: bool = True,
-                 batchwise_prompt: bool = False):
+                 batchwise_prompt: bool = False, test_keys: Literal["learned", "pool"] = "learned"):
         super().__init__(backbone)
         self.g_layers = g_layers  # blocks with the shared G-prompt (() for none)
         self.e_layers = e_layers  # blocks with the task's E-prompt
@@ -88,6 +93,7 @@ class DualPrompt(Method):
         self.augment = augment
         self.shared_prompt_pool = shared_prompt_pool  # E-prompt t starts as a copy of E-prompt t-1
         self.batchwise_prompt = batchwise_prompt
+        self.test_keys = test_keys  # keys that compete at test: learned tasks' or all (DP-pt)
         self.net_: _DualPromptNet | None = None
 
     @property
@@ -175,6 +181,7 @@ class _DualPromptNet(nn.Module):
             vit, g_prompt, e_prompts, keys, head)
         self.g_layers, self.e_layers = cfg.g_layers, cfg.e_layers
         self.batchwise = cfg.batchwise_prompt
+        self.all_keys = cfg.test_keys == "pool"
         self.register_buffer("learned", torch.zeros((), dtype=torch.long))  # keys that compete
 
     def train(self, mode: bool = True) -> _DualPromptNet:
@@ -183,8 +190,10 @@ class _DualPromptNet(nn.Module):
         return self
 
     def choose(self, sim: torch.Tensor) -> torch.Tensor:
-        """(B, M) similarities -> (B, 1): the top-1 key among the learned tasks' keys."""
-        return select(sim, 1, batchwise=self.batchwise, allowed=int(self.learned))
+        """(B, M) similarities -> (B, 1): the top-1 key among the learned tasks' keys (or among
+        all ``pool_size`` keys, trained or not: ``test_keys="pool"``)."""
+        allowed = sim.shape[1] if self.all_keys else int(self.learned)
+        return select(sim, 1, batchwise=self.batchwise, allowed=allowed)
 
     def prefixes(self, idx: torch.Tensor) -> dict[int, torch.Tensor]:
         """{block: (B, 2, L, D)}: the G-prompt for everyone, E-prompt ``idx[b]`` for sample b."""
