@@ -68,6 +68,10 @@ JOBS = {
     "apd": ("learn-on", "apd", {"conv_channels": (), "hidden": (16,), "epochs": 2,
                                 "batch_size": 8, "select_last": 2, "cluster_every": 2,
                                 "k_centroids": 1}, 2, "pixels", "TIL-B0Inc2"),
+    # a whole SupSup GN run: training, then task inference and logits split over the ranks
+    "supsup_gn-run": ("run", "supsup_gn", {"net": "fc300x100", "output_size": 2, "epochs": 2,
+                                           "batch_size": 8, "optimizer": "sgd", "lr": 0.1},
+                      False),
 }
 
 
@@ -185,6 +189,21 @@ def test_decisions_on_rank_0_give_one_process_states(ranks, method):
              "den": lambda s: (s["stamps"][-1] > s["stamps"][0]).all(),  # expanded and split
              "apd": lambda s: "local.0.0" in s}  # consolidated
     assert grown[method](one[-1])
+
+
+def test_supsup_gn_run_with_split_task_inference_equals_one_process(ranks):
+    """Task inference (alpha gradients per sample) and logits through predict_batches, each
+    rank on its share of the test images: the 1-process matrix and per-task correct counts."""
+    one = alone("supsup_gn-run")
+    for rank in ranks:
+        np.testing.assert_array_equal(np.array(rank["supsup_gn-run"]["matrix"], dtype=float),
+                                      np.array(one["matrix"], dtype=float))
+        assert [s["correct"] for s in rank["supsup_gn-run"]["stages"]] == \
+            [s["correct"] for s in one["stages"]]
+    for a, b, want in zip(*(r["supsup_gn-run"]["states"] for r in ranks), one["states"],
+                          strict=True):
+        assert same(a, b) and same({k: v for k, v in a.items() if k.startswith("masks.")},
+                                   {k: v for k, v in want.items() if k.startswith("masks.")})
 
 
 def test_rmsprop_amplifies_the_float_order_of_a_split_batch():

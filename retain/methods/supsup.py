@@ -29,6 +29,7 @@ Under torchrun (``retain/distributed.py``): each step's global batch is shared a
 summed), or replicated on every rank with ``batchnorm=True`` (the per-task BN normalises with the
 batch's statistics and updates its running ones: exact only on the whole batch); the frozen
 weights are regenerated from the same seed on every rank; masks are then identical everywhere.
+Predictions go through ``predict_batches`` (rows split across ranks, gathered).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
 from ..layers.masked import (
+    Applied,
     MaskedConv2d,
     MaskedLinear,
     MultitaskBatchNorm,
@@ -56,7 +58,7 @@ from ..layers.masked import (
 from ..layers.mlp import build_net
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import backward_share
+from ..training import backward_share, predict_batches
 from .base import ANY_BACKBONE, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
@@ -180,14 +182,14 @@ class SupSup(Method):
     def _logits(self, split: Split, ctx: Context, slots: np.ndarray) -> torch.Tensor:
         """(N, num_classes_): each sample through its slot's mask; other classes NEG."""
         out = torch.full((len(split), self.num_classes_), NEG)
-        net = self.net_.to(ctx.device).eval()
-        for s in np.unique(slots):
+        for s in np.unique(slots).tolist():  # (several processes: rows split, then gathered)
             rows = np.flatnonzero(slots == s)
-            cols = torch.tensor(self._classes(int(s)))
-            for start in range(0, len(rows), ctx.batch_size):
-                r = rows[start : start + ctx.batch_size]
-                logits = net(self._images(split, r, ctx), int(s))[:, : len(cols)].cpu()  # (B, k)
-                out[torch.from_numpy(r)[:, None], cols[None]] = logits
+            cols = torch.tensor(self._classes(s))
+            k = len(cols)
+            view = Applied(self.net_, lambda x, s=s, k=k: self.net_(x, s)[:, :k])
+            logits = predict_batches(view, lambda p, r=rows: self.backbone.preprocess(split, r[p]),
+                                     len(rows), ctx)  # (n, k)
+            out[torch.from_numpy(rows)[:, None], cols[None]] = logits
         return out
 
     def _classes(self, slot: int) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ Differences from the official code: task inference takes the argmin over learned
 
 Under torchrun: training as ``supsup`` (``backward_share``, "loss" mode; whole batches on every
 rank with ``batchnorm=True``); NNs's detection (new mask or which mask trains) is taken on rank 0
-and broadcast; task inference at test runs whole on every rank (not split).
+and broadcast; per-sample task inference goes through ``predict_batches`` (rows split across
+ranks, gathered); ``per_batch`` inference runs whole on every rank.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ import torch.nn.functional as F
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.masked import entropy, superfluous_logsumexp
+from ..layers.masked import Applied, entropy, superfluous_logsumexp
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import predict_batches
 from .base import TASK_FREE, register_method
 from .supsup import Mode, Net, SupSup
 
@@ -160,14 +162,17 @@ class SupSupGN(SupSup):
         return np.asarray(self.slot_task_)[self._infer_slots(split, ctx)]
 
     def _infer_slots(self, split: Split, ctx: Context) -> np.ndarray:
-        bs = self.batch_size if self.per_batch else ctx.batch_size
-        slots = np.zeros(len(split), dtype=np.int64)
+        if not self.per_batch:  # per sample (several processes: rows split, then gathered)
+            view = Applied(self.net_, lambda x: self._infer(x, joint=False)[:, None].float())
+            found = predict_batches(view, lambda p: self.backbone.preprocess(split, p),
+                                    len(split), ctx)  # (N, 1)
+            return found.flatten().long().numpy()
+        bs, slots = self.batch_size, np.zeros(len(split), dtype=np.int64)
         self.net_.to(ctx.device).eval()
-        for start in range(0, len(split), bs):
+        for start in range(0, len(split), bs):  # official protocol: one slot per test batch
             pos = np.arange(start, min(len(split), start + bs))
-            x = self._images(split, pos, ctx)
-            x = x[: self.examples] if self.per_batch else x
-            slots[pos] = self._infer(x, joint=self.per_batch).cpu().numpy()  # (B,) or (1,)
+            x = self._images(split, pos, ctx)[: self.examples]
+            slots[pos] = self._infer(x, joint=True).cpu().numpy()  # (1,)
         return slots
 
     def _infer(self, x: torch.Tensor, joint: bool) -> torch.Tensor:
