@@ -138,6 +138,8 @@ def run_job(name: str, job: tuple, dist: Dist, folder: str) -> object:
         return whole_run(method, params, str(Path(folder) / f"run-{name}"), cache)
     if kind == "learn":
         return learn_tasks(*args, dist=dist)
+    if kind == "learn-on":  # branch distB
+        return learn_on(*args, dist=dist)
     raise ValueError(kind)
 
 
@@ -189,3 +191,23 @@ def max_difference(a: dict, b: dict, relative: bool = False) -> float:
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+# -- branch distB: methods with their own loops on another backbone / scenario ----------------
+def learn_on(method: str, params: dict, tasks: int, backbone: str, scenario: str,
+             dist: Dist) -> list[dict]:
+    """As ``learn_tasks``, on backbone ``backbone`` (16 px) and the tiny stream as ``scenario``
+    (e.g. "TIL-B0Inc2" for the task-incremental methods on raw pixels)."""
+    from retain.methods import create_method
+    from retain.runner import seed_everything
+    from retain.scenarios import make_scenario
+
+    m = create_method(method, create_backbone(backbone, image_size=16), **params)
+    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
+                  progress=False)
+    out = []
+    for task in make_scenario(tiny_bundle(), scenario)[:tasks]:
+        seed_everything(1993, task.id)
+        m.learn(task, ctx)
+        out.append({k: v.clone() for k, v in m.state_dict().items()})
+    return out

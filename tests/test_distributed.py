@@ -51,6 +51,27 @@ JOBS = {
     # one backward of an in-batch contrastive loss under each way of sharding a batch
     **{f"coupled-{mode}-{n}": ("coupled", mode, n) for mode in ("loss", "outputs", "replicate")
        for n in (7, 1)},
+    # branch distB: methods with their own loops (tiny nets on 16 px raw pixels)
+    # SupSup GG, one step of RMSprop on the global batch of 24; per-task BN: whole batches
+    "supsup": ("learn-on", "supsup", {"batchnorm": True, "lr": 0.01} | STEP, 1, "pixels",
+               "TIL-B0Inc2"),
+    # SupSup NNs, 3 tasks of 6 steps, a new-mask decision every 3 (SGD: see its test)
+    "supsup_gn": ("learn-on", "supsup_gn", {"mode": "NNs", "net": "fc300x100", "output_size": 6,
+                                            "optimizer": "sgd", "lr": 0.1, "epochs": 2,
+                                            "batch_size": 8, "nns_every": 3,
+                                            "nns_threshold": 1.01}, 3, "pixels", "B0Inc2"),
+    # DEN over 3 tasks: always expands (tau 0) and splits (sigma 0)
+    "den": ("learn-on", "den", {"hidden": (16, 8), "steps": 6, "batch_size": 8,
+                                "loss_threshold": 0.0, "split_threshold": 0.0,
+                                "expand_units": 2}, 3, "pixels", "TIL-B0Inc2"),
+    # APD over 2 tasks: best-epoch pick on validation, then one k-means consolidation
+    "apd": ("learn-on", "apd", {"conv_channels": (), "hidden": (16,), "epochs": 2,
+                                "batch_size": 8, "select_last": 2, "cluster_every": 2,
+                                "k_centroids": 1}, 2, "pixels", "TIL-B0Inc2"),
+    # a whole SupSup GN run: training, then task inference and logits split over the ranks
+    "supsup_gn-run": ("run", "supsup_gn", {"net": "fc300x100", "output_size": 2, "epochs": 2,
+                                           "batch_size": 8, "optimizer": "sgd", "lr": 0.1},
+                      False),
 }
 
 
@@ -134,6 +155,90 @@ def test_memories_are_identical_on_both_ranks_after_every_task(ranks, method):
         assert same(a, b)
 
 
+# -- branch distB: supsup, supsup_gn, den, apd (own loops, decisions on rank 0) -------------
+
+def one_process(method: str, **change) -> list[dict]:
+    kind, name, params, *rest = JOBS[method]
+    return run_job(method, (kind, name, params | change, *rest), Dist(), tempfile.mkdtemp())
+
+
+def test_supsup_step_of_two_ranks_equals_one_process(ranks):
+    """One RMSprop step on 24 images with per-task BN: each rank runs the whole batch
+    ("replicate": BN's batch statistics are the batch's), so masks and BN statistics equal one
+    process's bit for bit."""
+    one = alone("supsup")[0]
+    assert same(ranks[0]["supsup"][0], ranks[1]["supsup"][0])
+    assert same(ranks[0]["supsup"][0], one)
+    moved = one_process("supsup", lr=1e-9)[0]
+    assert not torch.equal(one["masks.0"], moved["masks.0"])  # the step flipped mask entries
+    assert one["bn.0.mean"].abs().min() > 0  # BN statistics of the step's batch
+
+
+@pytest.mark.parametrize("method", ["supsup_gn", "den", "apd"])
+def test_decisions_on_rank_0_give_one_process_states(ranks, method):
+    """Several tasks with decisions (SupSup NNs: new mask or which; DEN: expansion, selection,
+    split, dead units; APD: best epoch, k-means): both ranks hold the same state after every
+    task, equal to one process's (to 1e-5: float sums in another order), the same structure."""
+    one = alone(method)
+    for a, b, want in zip(ranks[0][method], ranks[1][method], one, strict=True):
+        assert same(a, b)
+        assert a.keys() == want.keys()
+        assert all(torch.equal(a[k], want[k]) for k in a if not a[k].is_floating_point())
+        assert max_difference(a, want) < 1e-5
+    grown = {"supsup_gn": lambda s: 2 <= len(s["slot_task"]) < 18 // 3,  # new masks, reused
+             "den": lambda s: (s["stamps"][-1] > s["stamps"][0]).all(),  # expanded and split
+             "apd": lambda s: "local.0.0" in s}  # consolidated
+    assert grown[method](one[-1])
+
+
+def test_supsup_gn_run_with_split_task_inference_equals_one_process(ranks):
+    """Task inference (alpha gradients per sample) and logits through predict_batches, each
+    rank on its share of the test images: the 1-process matrix and per-task correct counts."""
+    one = alone("supsup_gn-run")
+    for rank in ranks:
+        np.testing.assert_array_equal(np.array(rank["supsup_gn-run"]["matrix"], dtype=float),
+                                      np.array(one["matrix"], dtype=float))
+        assert [s["correct"] for s in rank["supsup_gn-run"]["stages"]] == \
+            [s["correct"] for s in one["stages"]]
+    for a, b, want in zip(*(r["supsup_gn-run"]["states"] for r in ranks), one["states"],
+                          strict=True):
+        assert same(a, b) and same({k: v for k, v in a.items() if k.startswith("masks.")},
+                                   {k: v for k, v in want.items() if k.startswith("masks.")})
+
+
+def test_rmsprop_amplifies_the_float_order_of_a_split_batch():
+    """Why the SupSup NNs job trains with SGD: one process summing the gradients of two
+    half-batches (what 2 ranks do) differs from the whole batch's by float rounding (~1e-9),
+    and RMSprop's first step lr·g/(sqrt(0.01 g²) + 1e-8) multiplies that by up to lr/eps = 1e6
+    where |g| is near eps (many mask scores): ~1e-5, though no rank is wrong."""
+    import torch.nn.functional as F
+    from conftest import tiny_bundle
+
+    from retain.backbones import create_backbone
+    from retain.methods import create_method
+
+    m = create_method("supsup_gn", create_backbone("pixels", image_size=16), mode="NNs",
+                      net="fc300x100", output_size=6)
+    m.seed_, pos = 123, np.arange(0, 24, 3)
+    m.net_ = m._make_net()
+    scores, split = m.net_.add_slot(0), tiny_bundle().train
+    x, y = m.backbone.preprocess(split, pos), torch.from_numpy(split.targets[pos])
+
+    def grad(parts) -> torch.Tensor:  # the first layer's score gradient
+        scores[0].grad = None
+        for rows, w in parts:
+            (F.cross_entropy(m.net_(x[rows], 0), y[rows]) * w).backward()
+        return scores[0].grad.clone()
+
+    whole, halves = grad([(slice(0, 8), 1.0)]), grad([(slice(0, 4), 0.5), (slice(4, 8), 0.5)])
+    assert 0 < (whole - halves).abs().max() < 1e-7
+
+    def step(g):
+        return 0.01 * g / ((0.01 * g * g).sqrt() + 1e-8)
+
+    assert (step(whole) - step(halves)).abs().max() > 1e-6
+
+
 def learn_nothing(method: str) -> dict:
     """The state after task 0 at a learning rate of 1e-9 (about where the step starts)."""
     kind, name, params, tasks = JOBS[method]
@@ -168,14 +273,18 @@ def test_shares_partition_every_batch():
 
 
 def test_methods_with_their_own_loops_are_refused_by_name(monkeypatch):
+    """Every method still in REFUSED (and one added here: REFUSED may be empty) is refused
+    with one line naming it; the others run."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(REFUSED, "finetune", "is refused by this test")
     for name in REFUSED:
         with pytest.raises(ConfigError, match=f"method {name} cannot run in several processes"):
             check_method(name)
-    check_method("simplecil")
-    assert refusal("simplecil") is None
+    for name in ("simplecil", "supsup", "supsup_gn", "den", "apd"):
+        check_method(name)
+        assert refusal(name) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
-    check_method("den")  # one process: every method runs
+    check_method("finetune")  # one process: every method runs
 
 
 def test_run_refuses_a_refused_method_under_torchrun(monkeypatch, tmp_path, tiny_dataset):
@@ -183,11 +292,12 @@ def test_run_refuses_a_refused_method_under_torchrun(monkeypatch, tmp_path, tiny
     from retain.runner import run
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = RunConfig(method="den", dataset=tiny_dataset, backbone="pixels", image_size=16,
-                       scenario="TIL-B0Inc2", out=str(tmp_path / "den"), cache=False)
-    with pytest.raises(ConfigError, match="method den cannot run in several processes"):
+    monkeypatch.setitem(REFUSED, "finetune", "is refused by this test")
+    config = RunConfig(method="finetune", dataset=tiny_dataset, backbone="vit_tiny_random",
+                       image_size=16, out=str(tmp_path / "ft"), cache=False)
+    with pytest.raises(ConfigError, match="method finetune cannot run in several processes"):
         run(config, echo=lambda *_: None)
-    assert not (tmp_path / "den").exists()
+    assert not (tmp_path / "ft").exists()
 
 
 # -- torchrun: kill -9 mid-stream, then the same command resumes ------------------------------

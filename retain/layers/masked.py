@@ -277,6 +277,19 @@ class SupermaskNet(nn.Module):
         return g
 
 
+class Applied(nn.Module):
+    """``fn(x)`` over ``net`` as a module, for ``training.predict_batches`` (which splits the
+    positions across the processes of a torchrun launch): one slot's logits, or the slot
+    inferred for each sample."""
+
+    def __init__(self, net: SupermaskNet, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.net, self.fn = net, fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """(B,) output entropy -sum_c p_c log p_c (SupSup's H objective)."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)

@@ -8,6 +8,8 @@ the matrix below it and a row of the matrix above it (or of the head). Here:
   ``DEN.py::optimization``);
 - TensorFlow's default (glorot uniform) initialiser, and the ReLU forward pass;
 - the drift penalty that pulls the old slice of grown tensors to its previous values;
+- the training loop of every DEN phase (Adam, then the proximal steps), shared across the
+  processes of a torchrun launch;
 - structural operations on such a network: the units reached from a head through non-zero
   weights, deletion of appended units whose incoming weights are all zero, duplication of units
   (the original gets its old weights back, a copy keeps the new ones), and the units that drifted
@@ -20,6 +22,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from ..training import backward_share
 
 Head = tuple[torch.Tensor, torch.Tensor]  # (width, k) weight, (k,) bias
 
@@ -127,3 +131,41 @@ def data_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "bce") -> torch
         return F.cross_entropy(logits, y)
     onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)  # (B, k)
     return F.binary_cross_entropy_with_logits(logits, onehot)
+
+
+def train_prox(m, params: list[torch.Tensor], fwd: Callable, data, steps: int, ctx,
+               penalty: Callable | None = None, groups: list[torch.Tensor] = ()) -> float:
+    """``steps`` Adam steps on random minibatches of ``data`` = (x, y, generator) through
+    ``fwd``, each followed by the L1 soft threshold (and the group threshold on ``groups``),
+    with DEN ``m``'s settings; returns the last minibatch's data loss.
+
+    Loss: data loss + m.l2/2 ||params||^2 (+ ``penalty()``). Several processes: every rank draws
+    the same global minibatch, ``backward_share`` splits it ("loss" mode: the batch-independent
+    terms weighted by each rank's share), so every rank takes the same step; the returned loss
+    is the whole global batch's."""
+    x, y, gen = data
+    opt = torch.optim.Adam(params, lr=m.lr)
+    last = [torch.tensor(float("nan")), 1]  # this rank's data loss and its rows
+
+    def objective(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = data_loss(out, y, m.loss)
+        last[:] = loss.detach(), len(y)
+        total = loss + m.l2 / 2 * sum(p.pow(2).sum() for p in params)
+        return total + (penalty() if penalty else 0.0)
+
+    for step in range(steps):
+        decay = m.lr_decay ** (step * m.batch_size // len(x))
+        for group in opt.param_groups:
+            group["lr"] = m.lr * decay
+        shrink = decay if m.scale_prox else 1.0
+        pos = torch.randperm(len(x), generator=gen)[: m.batch_size]
+        opt.zero_grad(set_to_none=True)
+        backward_share(fwd, objective, x[pos], y[pos], ctx, params)
+        opt.step()
+        with torch.no_grad():
+            for p in params:
+                soft_threshold_(p, m.l1 * shrink)
+            for g in groups:  # a column (a new unit's incoming weights) is a group
+                group_soft_threshold_(g, m.group_lasso * shrink)
+    # the global batch's mean (one process: exactly the loss, a float32 times and over an int)
+    return ctx.dist.sum(float(last[0]) * last[1]) / ctx.dist.sum(last[1])

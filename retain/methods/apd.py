@@ -35,6 +35,11 @@ Capacity (official "Updated Memory Requirements", ``cifar100_apd_run.py``): ``ca
 active / base, where active counts the non-zero entries of σ, every pruned τ_j and τ̃_g, every
 mask, and the current task's bias and head, and base = one trunk's weights + |head| × (tasks − 1).
 ``parameter_counts()`` reports both numbers ("active", "capacity_base").
+
+Under torchrun: each global batch is split by ``training.backward_share`` ("loss" mode: the
+cross-entropy shared, the weight penalties and the retroactive term weighted by each rank's
+share); validation and prediction go through ``predict_batches`` (split, gathered); the pick of
+the best epoch and the k-means consolidation are rank 0's, broadcast. No BatchNorm.
 """
 
 from __future__ import annotations
@@ -48,11 +53,12 @@ from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
+from ..distributed import Dist
 from ..errors import ConfigError
 from ..layers.apd import APDNet, TaskView, kmeans, prune
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, predict_batches
+from ..training import backward_share, image_inputs, predict_batches
 from .base import GROWS, PIXELS, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 
@@ -111,7 +117,7 @@ class APD(Method):
         train, val = self._holdout(task.train, ctx.generator(task.id, 1))
         self._train(task.id, train, val, ctx, ctx.generator(task.id, 2))
         if (task.id + 1) % self.cluster_every == 0:
-            self._consolidate(task.id + 1, ctx.generator(task.id, 3))
+            self._consolidate(task.id + 1, ctx.generator(task.id, 3), ctx)
         self.net_.requires_grad_(False)
 
     def _check(self, task: Task) -> None:
@@ -147,20 +153,20 @@ class APD(Method):
             perm = torch.randperm(len(train), generator=g).numpy()
             for start in range(0, len(train), bs):
                 pos = perm[start : start + bs]
-                x = self.backbone.preprocess(train, pos).to(ctx.device)  # (B, C, S, S)
-                loss = F.cross_entropy(net(x, t), y[pos].to(ctx.device))
-                loss = loss + self._penalty(t, anchors)
+                x = self.backbone.preprocess(train, pos)  # (B, C, S, S), the global batch
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                backward_share(lambda x: net(x, t), lambda out, y: F.cross_entropy(out, y)
+                               + self._penalty(t, anchors), x, y[pos], ctx, params)
                 opt.step()
             if val is not None and epoch >= self.epochs - self.select_last:
                 acc = self._accuracy(t, val, ctx)
-                if acc > best:
+                if ctx.dist.broadcast_object(acc > best):  # rank 0's pick
                     best, kept = acc, [p.detach().clone() for p in params]
         if kept is not None:
             with torch.no_grad():
                 for p, v in zip(params, kept, strict=True):
                     p.copy_(v)
+        ctx.dist.same_state(net, g)
 
     def _trainable(self, t: int) -> list[nn.Parameter]:
         """σ, τ_0..τ_t, m_t, b_t and head_t; everything else frozen."""
@@ -198,8 +204,10 @@ class APD(Method):
         return torch.tensor([index[int(c)] for c in targets], dtype=torch.long)
 
     @torch.no_grad()
-    def _consolidate(self, tasks: int, g: torch.Generator) -> None:
-        """k-means over each layer's adaptive parts, then local-shared consolidation."""
+    def _consolidate(self, tasks: int, g: torch.Generator, ctx: Context | None = None) -> None:
+        """k-means over each layer's adaptive parts (on rank 0, broadcast), then local-shared
+        consolidation."""
+        dist = ctx.dist if ctx is not None else Dist()  # (one process without a context)
         k = min(tasks, max(1, int(self.k_centroids * tasks / self.cluster_every)))
         order = torch.randperm(tasks, generator=g)[:k]
         for i, layer in enumerate(self.net_.layers):
@@ -209,7 +217,11 @@ class APD(Method):
             init = points[order].clone()  # (k, P)
             if layer.centroids is not None:
                 init[: len(layer.centroids)] = layer.centroids.flatten(1).to(init)
-            assign, cent = kmeans(points, init, self.kmeans_iters)
+            if dist.is_main:
+                assign, cent = kmeans(points, init, self.kmeans_iters)
+            else:
+                assign, cent = torch.zeros(tasks, dtype=torch.long, device=init.device), init
+            assign, cent = dist.broadcast_(assign), dist.broadcast_(cent)
             layer.consolidate(tasks, assign, self.gap)
             layer.centroids = cent.view(k, *layer.shape)
 

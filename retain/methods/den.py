@@ -45,11 +45,16 @@ the copies U(0, 1) biases); no validation early stop (the code's test on a 10-po
 average changing by < 1e-6 practically never fires). DEN's own metric, mean per-class AUROC
 (``retain.metrics.mean_class_auroc``), is ``DEN.auroc``. Prox steps, unit selection / deletion /
 duplication: ``retain/layers/sparse.py``.
+
+Under torchrun: each step's global minibatch is split by ``training.backward_share`` ("loss"
+mode; decay and drift terms weighted by share), so the proximal steps act on identical tensors;
+expansion (the global batch's last data loss), selection, split and dead-unit deletion are
+decided on rank 0's values and broadcast. No BatchNorm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -58,6 +63,7 @@ import torch
 from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
+from ..features import FeatureCache
 from ..layers import sparse
 from ..layers.sparse import Head, forward, glorot, leaves
 from ..metrics import mean_class_auroc
@@ -66,6 +72,12 @@ from ..scenarios.base import Task
 from .base import ANY_BACKBONE, GROWS, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 NEG = -1e9  # logits of classes outside the sample's task
+
+
+def _ctx(data) -> Context:
+    """The run's context, on the CPU where DEN computes: data = (x, y, generator, context), or
+    one process where (x, y, generator) has none."""
+    return data[3] if len(data) > 3 else Context(device="cpu", cache=FeatureCache())
 
 
 @register_method("den")
@@ -112,7 +124,7 @@ class DEN(Method):
         gen = ctx.generator(task.id, 1)
         local = {c: i for i, c in enumerate(task.classes)}
         y = torch.tensor([local[int(c)] for c in task.train.targets])  # (N,)
-        data = (self._inputs(task.train), y, gen)
+        data = (self._inputs(task.train), y, gen, replace(ctx, device=torch.device("cpu")))
         if not self.weights_:
             self._init_trunk(data[0].shape[1], gen)
         head = (glorot((self.weights_[-1].shape[1], len(task.classes)), gen),
@@ -126,7 +138,8 @@ class DEN(Method):
         else:
             prev = ([w.clone() for w in self.weights_], [b.clone() for b in self.biases_])
             head, last_loss = self._selective(head, prev, data)
-            if last_loss >= self.loss_threshold and self.expand_units > 0:
+            expand = ctx.dist.broadcast_object(last_loss >= self.loss_threshold)  # rank 0's
+            if expand and self.expand_units > 0:
                 head = self._expand(head, data)
             head = self._split(head, prev, data)
         self.heads_.append(tuple(t.detach() for t in head))
@@ -146,6 +159,7 @@ class DEN(Method):
         self._train(list(head), lambda x: forward(x, self.weights_, self.biases_, head), data,
                     max(1, self.steps // 10))
         keep = sparse.reachable_units(self.weights_, head[0].detach())  # from every output
+        keep = _ctx(data).dist.broadcast_object(keep)  # rank 0's selection
         rows = [torch.arange(self.weights_[0].shape[0]), *keep[:-1]]
         sub_w = leaves(w[r][:, k] for w, r, k in zip(self.weights_, rows, keep, strict=True))
         sub_b = leaves(b[k] for b, k in zip(self.biases_, keep, strict=True))
@@ -182,6 +196,8 @@ class DEN(Method):
                     self.steps, groups=[*bw, *tw])
         with torch.no_grad():
             self.weights_, self.biases_, head = grown()
+            for t in [*self.weights_, *self.biases_, head[0]]:  # deaths read from rank 0's
+                _ctx(data).dist.broadcast_(t)
             head = (sparse.drop_dead_units(self.weights_, self.biases_, head[0], k), head[1])
         self._detach()
         return tuple(t.detach() for t in head)
@@ -190,6 +206,7 @@ class DEN(Method):
         """Restore the most drifted old units to their t-1 weights; append copies; retrain."""
         chosen = [sparse.most_drifted(w, p, self.split_threshold, self.expand_units)
                   for w, p in zip(self.weights_, prev[0], strict=True)]
+        chosen = _ctx(data).dist.broadcast_object(chosen)  # rank 0's
         if not any(len(c) for c in chosen):
             return head
         hw = sparse.duplicate_units(self.weights_, self.biases_, prev, chosen, head[0])
@@ -201,30 +218,9 @@ class DEN(Method):
         self._detach()
         return tuple(t.detach() for t in head)
 
-    def _train(self, params: list[torch.Tensor], fwd: Callable, data, steps: int,
-               penalty: Callable | None = None, groups: list[torch.Tensor] = ()) -> float:
-        """Adam + proximal L1 (and group lasso on ``groups``); the last minibatch data loss."""
-        x, y, gen = data
-        opt = torch.optim.Adam(params, lr=self.lr)
-        loss = torch.tensor(float("nan"))
-        for step in range(steps):
-            decay = self.lr_decay ** (step * self.batch_size // len(x))
-            for group in opt.param_groups:
-                group["lr"] = self.lr * decay
-            shrink = decay if self.scale_prox else 1.0
-            pos = torch.randperm(len(x), generator=gen)[: self.batch_size]
-            loss = sparse.data_loss(fwd(x[pos]), y[pos], self.loss)
-            total = loss + self.l2 / 2 * sum(p.pow(2).sum() for p in params)
-            total = total + (penalty() if penalty else 0.0)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            with torch.no_grad():
-                for p in params:
-                    sparse.soft_threshold_(p, self.l1 * shrink)
-                for g in groups:  # a column (a new unit's incoming weights) is a group
-                    sparse.group_soft_threshold_(g, self.group_lasso * shrink)
-        return float(loss.detach())
+    def _train(self, params, fwd, data, steps, penalty=None, groups=()) -> float:
+        """Adam + proximal steps (``sparse.train_prox``); the last minibatch's data loss."""
+        return sparse.train_prox(self, params, fwd, data[:3], steps, _ctx(data), penalty, groups)
 
     def _detach(self) -> None:
         self.weights_ = [w.detach() for w in self.weights_]

@@ -23,6 +23,13 @@ only (``supsup_gn.py``). ``net="resnet18_gem"`` is the official SplitCIFAR100 ``
 (masked convolutions, per-task non-affine BN with ``batchnorm=True``). Not implemented: ResNet-50
 (SplitImageNet), ER per-layer densities, HopSupSup, BatchE/Transfer baselines and CIFAR
 augmentation. "density" is the official "sparsity".
+
+Under torchrun (``retain/distributed.py``): each step's global batch is shared across ranks by
+``training.backward_share`` ("loss" mode: its share of the cross-entropy, score gradients
+summed), or replicated on every rank with ``batchnorm=True`` (the per-task BN normalises with the
+batch's statistics and updates its running ones: exact only on the whole batch); the frozen
+weights are regenerated from the same seed on every rank; masks are then identical everywhere.
+Predictions go through ``predict_batches`` (rows split across ranks, gathered).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
 from ..layers.masked import (
+    Applied,
     MaskedConv2d,
     MaskedLinear,
     MultitaskBatchNorm,
@@ -50,6 +58,7 @@ from ..layers.masked import (
 from ..layers.mlp import build_net
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import backward_share, predict_batches
 from .base import ANY_BACKBONE, TASK_ID_AT_TEST, Method, Needs, count, register_method
 
 Mode = Literal["GG", "GN", "NNs"]
@@ -119,18 +128,22 @@ class SupSup(Method):
         local = {c: i for i, c in enumerate(task.classes)}
         targets = torch.tensor([local[int(c)] for c in task.train.targets])  # (N,)
         opt, sched = self._optimizer(scores, self._num_steps(len(task.train)))
-        for pos in self._batches(len(task.train), ctx.generator(task.id, 1)):
+        gen = ctx.generator(task.id, 1)
+        for pos in self._batches(len(task.train), gen):
             self._step(opt, sched, task.train, pos, targets, slot, ctx)
+        ctx.dist.same_state(self.net_, gen)
         self.net_.freeze(slot)
         self.net_.eval()
 
     def _step(self, opt, sched, split: Split, pos: np.ndarray, targets: torch.Tensor,
               slot: int, ctx: Context) -> None:
         self.net_.train()
-        x, y = self._images(split, pos, ctx), targets[pos].to(ctx.device)
-        loss = F.cross_entropy(self.net_(x, slot), y)  # over all outputs, superfluous included
+        x = self.backbone.preprocess(split, pos)  # (B, C, S, S), the global batch
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # cross-entropy over all outputs, superfluous included
+        backward_share(lambda x: self.net_(x, slot), F.cross_entropy, x, targets[pos], ctx,
+                       [p for g in opt.param_groups for p in g["params"]],
+                       "replicate" if self.batchnorm else "loss")
         opt.step()
         if sched is not None:
             sched.step()
@@ -169,14 +182,14 @@ class SupSup(Method):
     def _logits(self, split: Split, ctx: Context, slots: np.ndarray) -> torch.Tensor:
         """(N, num_classes_): each sample through its slot's mask; other classes NEG."""
         out = torch.full((len(split), self.num_classes_), NEG)
-        net = self.net_.to(ctx.device).eval()
-        for s in np.unique(slots):
+        for s in np.unique(slots).tolist():  # (several processes: rows split, then gathered)
             rows = np.flatnonzero(slots == s)
-            cols = torch.tensor(self._classes(int(s)))
-            for start in range(0, len(rows), ctx.batch_size):
-                r = rows[start : start + ctx.batch_size]
-                logits = net(self._images(split, r, ctx), int(s))[:, : len(cols)].cpu()  # (B, k)
-                out[torch.from_numpy(r)[:, None], cols[None]] = logits
+            cols = torch.tensor(self._classes(s))
+            k = len(cols)
+            view = Applied(self.net_, lambda x, s=s, k=k: self.net_(x, s)[:, :k])
+            logits = predict_batches(view, lambda p, r=rows: self.backbone.preprocess(split, r[p]),
+                                     len(rows), ctx)  # (n, k)
+            out[torch.from_numpy(rows)[:, None], cols[None]] = logits
         return out
 
     def _classes(self, slot: int) -> tuple[int, ...]:

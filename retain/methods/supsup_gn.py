@@ -27,6 +27,11 @@ adds the two modes that infer the task:
 
 Differences from the official code: task inference takes the argmin over learned slots only
 (pitfall §4.20), per sample by default; the NNs detection count runs across calls (above).
+
+Under torchrun: training as ``supsup`` (``backward_share``, "loss" mode; whole batches on every
+rank with ``batchnorm=True``); NNs's detection (new mask or which mask trains) is taken on rank 0
+and broadcast; per-sample task inference goes through ``predict_batches`` (rows split across
+ranks, gathered); ``per_batch`` inference runs whole on every rank.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ import torch.nn.functional as F
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.masked import entropy, superfluous_logsumexp
+from ..layers.masked import Applied, entropy, superfluous_logsumexp
 from ..params import Interval
 from ..scenarios.base import Task
+from ..training import predict_batches
 from .base import TASK_FREE, register_method
 from .supsup import Mode, Net, SupSup
 
@@ -93,30 +99,44 @@ class SupSupGN(SupSup):
         in between, the current mask trains on."""
         targets = torch.from_numpy(task.train.targets)  # shared labels: output j = class j
         opt = None
-        for pos in self._batches(len(task.train), ctx.generator(task.id, 1)):
+        gen = ctx.generator(task.id, 1)
+        for pos in self._batches(len(task.train), gen):
             if self.nns_steps_ % self.nns_every == 0 or not self.slot_task_:
-                self.nns_slot_, new = self._detect(self._images(task.train, pos, ctx), task.id)
+                self.nns_slot_, new = self._detect(task.train, pos, task.id, ctx)
                 if opt is not None and new:
                     opt.add_param_group({"params": self._slot_scores(self.nns_slot_)})
             if opt is None:
                 opt, _ = self._optimizer(self._all_scores(), 0, schedule=False)
             self._step(opt, None, task.train, pos, targets, self.nns_slot_, ctx)
             self.nns_steps_ += 1
+        ctx.dist.same_state(self.net_, gen)
         self.net_.eval()
 
-    def _detect(self, x: torch.Tensor, task_id: int) -> tuple[int, bool]:
-        """(mask to train, whether it is new) by SupSup's gradient-confidence test."""
+    def _detect(self, split: Split, pos: np.ndarray, task_id: int, ctx: Context
+                ) -> tuple[int, bool]:
+        """(mask to train, whether it is new), decided on rank 0 and broadcast."""
+        known = self._confident(self._images(split, pos, ctx)) if ctx.dist.is_main else None
+        known = ctx.dist.broadcast_object(known)
+        if known is not None:
+            return known, False
         learned = len(self.slot_task_)
-        if learned:
-            n = max(learned, NNS_MIN_SLOTS)
-            alphas = torch.full((n,), 1.0 / n, device=x.device)
-            self.net_.eval()
-            g = -self.net_.alpha_gradients(x, alphas, entropy).mean(0)  # (n,)
-            if float(g.softmax(0).max()) >= self.nns_threshold / n:
-                return int(g[:learned].argmax()), False
         self.net_.add_slot(learned)
         self.slot_task_.append(task_id)
         return learned, True
+
+    def _confident(self, x: torch.Tensor) -> int | None:
+        """SupSup's gradient-confidence test on the batch ``x``: the learned mask that fits it
+        best, or None (a new mask) when no mask is confident enough."""
+        learned = len(self.slot_task_)
+        if not learned:
+            return None
+        n = max(learned, NNS_MIN_SLOTS)
+        alphas = torch.full((n,), 1.0 / n, device=x.device)
+        self.net_.eval()
+        g = -self.net_.alpha_gradients(x, alphas, entropy).mean(0)  # (n,)
+        if float(g.softmax(0).max()) >= self.nns_threshold / n:
+            return int(g[:learned].argmax())
+        return None
 
     def _slot_scores(self, slot: int) -> list[torch.nn.Parameter]:
         return [layer.scores[str(slot)] for layer in self.net_.masked_layers()]
@@ -142,14 +162,17 @@ class SupSupGN(SupSup):
         return np.asarray(self.slot_task_)[self._infer_slots(split, ctx)]
 
     def _infer_slots(self, split: Split, ctx: Context) -> np.ndarray:
-        bs = self.batch_size if self.per_batch else ctx.batch_size
-        slots = np.zeros(len(split), dtype=np.int64)
+        if not self.per_batch:  # per sample (several processes: rows split, then gathered)
+            view = Applied(self.net_, lambda x: self._infer(x, joint=False)[:, None].float())
+            found = predict_batches(view, lambda p: self.backbone.preprocess(split, p),
+                                    len(split), ctx)  # (N, 1)
+            return found.flatten().long().numpy()
+        bs, slots = self.batch_size, np.zeros(len(split), dtype=np.int64)
         self.net_.to(ctx.device).eval()
-        for start in range(0, len(split), bs):
+        for start in range(0, len(split), bs):  # official protocol: one slot per test batch
             pos = np.arange(start, min(len(split), start + bs))
-            x = self._images(split, pos, ctx)
-            x = x[: self.examples] if self.per_batch else x
-            slots[pos] = self._infer(x, joint=self.per_batch).cpu().numpy()  # (B,) or (1,)
+            x = self._images(split, pos, ctx)[: self.examples]
+            slots[pos] = self._infer(x, joint=True).cpu().numpy()  # (1,)
         return slots
 
     def _infer(self, x: torch.Tensor, joint: bool) -> torch.Tensor:
