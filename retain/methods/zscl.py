@@ -28,6 +28,10 @@ embeddings come from retain's frozen-feature cache (the same numbers, one pass p
 image); reference data is a user folder (``retain.layers.zscl.read_reference``) instead of
 ImageNet + Conceptual Captions; ``reference="current"`` (this task's images and the seen class
 prompts) is an offline fallback, NOT the paper's setting; ``ce_classes="seen"`` is an option.
+Under torchrun every rank computes each whole step (``backward_share(shard="replicate")``,
+gradients averaged): exact, as the text-side distillation contrasts the reference images of a
+batch with each other and the text tower and L2 terms are per step, but no faster than one
+process; only evaluation and the teacher's cached features are split. CLIP has no BatchNorm.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from ..errors import ConfigError
 from ..layers.zscl import distillation, merge_running_mean, read_reference, warmup_cosine, weight_l2
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, load_prefixed, predict_batches
+from ..training import backward_share, image_inputs, load_prefixed, predict_batches
 from .base import CLIP, Method, Needs, count, register_method
 
 
@@ -143,7 +147,7 @@ class ZSCL(Method):
     def _train(self, task: Task, ctx: Context, ref_split: Split, ref_texts: list[str]
                ) -> ClipPair | None:
         """``iterations`` AdamW steps on ``self.net_``; returns the weight ensemble (or None)."""
-        net, dev = self.net_, ctx.device
+        net = self.net_
         params = self._trainable(net)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay,
                                 betas=(0.9, self.beta2))
@@ -159,20 +163,24 @@ class ZSCL(Method):
         targets = torch.from_numpy(task.train.targets)
         batches = _batches(len(task.train), self.batch_size, ctx.generator(task.id, 1))
         ref_batches = _batches(len(ref_split), self.batch_size, ctx.generator(task.id, 2))
+        def step_loss(x, y, rx, ref):  # the whole step's loss (text tower, L2 and both sides)
+            return self._loss(net, x, y, tokens, rx, ref, ref_txt0, anchor)
+
         net.train()
         for it in range(self.iterations):
             pos, rpos = next(batches), next(ref_batches)
-            x = self.backbone.preprocess(task.train, pos).to(dev)  # (B, 3, S, S)
-            rx = self.backbone.preprocess(ref_split, rpos).to(dev)  # (R, 3, S, S)
-            y = lookup[targets[pos]].to(dev)  # (B,)
-            loss = self._loss(net, x, y, tokens, rx, ref_img0[rpos].to(dev), ref_txt0, anchor)
+            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
+            rx = self.backbone.preprocess(ref_split, rpos)  # (R, 3, S, S)
+            y = lookup[targets[pos]]  # (B,)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            backward_share(step_loss, lambda loss, _: loss, (x, y, rx, ref_img0[rpos]), y, ctx,
+                           params, shard="replicate")
             opt.step()
             sched.step()
             if ensemble is not None and it % self.avg_freq == 0:
                 merge_running_mean(net, ensemble, n_we)
                 n_we += 1
+        ctx.dist.same_state(net)
         return ensemble
 
     def _trainable(self, net: ClipPair) -> list[nn.Parameter]:
