@@ -36,16 +36,9 @@ from .errors import ConfigError, RetainError
 # method -> why it cannot run in several processes yet (it keeps its own training loop)
 REFUSED = {
     "apd": "trains in its own loop and takes consolidation decisions on each process",
-    "apg": "trains part of each task in its own loop",
     "den": "trains in its own loop and takes expansion decisions on each process",
-    "hide_prompt": "contrasts the samples of each batch with each other (its prompt "
-                   "regulariser), so a batch split over processes is not one process's batch",
-    "proof": "contrasts the images of each batch with each other (CLIP loss, B x B), so a batch "
-             "split over processes is not one process's batch",
-    "dytox": "trains in its own loop and adds task tokens on each process",
     "supsup": "trains its score masks in its own loop",
     "supsup_gn": "trains its score masks in its own loop",
-    "zscl": "trains in its own loop",
 }
 
 

@@ -138,6 +138,8 @@ def run_job(name: str, job: tuple, dist: Dist, folder: str) -> object:
         return whole_run(method, params, str(Path(folder) / f"run-{name}"), cache)
     if kind == "learn":
         return learn_tasks(*args, dist=dist)
+    if kind == "learn-on":  # (branch distA) a method on another backbone than BACKBONE's
+        return learn_tasks_on(*args, dist=dist)
     raise ValueError(kind)
 
 
@@ -189,3 +191,22 @@ def max_difference(a: dict, b: dict, relative: bool = False) -> float:
 def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+# -- branch distA: methods on other backbones (dytox on pixels, proof and zscl on a tiny CLIP) --
+
+def learn_tasks_on(backbone: str, method: str, params: dict, tasks: int, dist: Dist
+                   ) -> list[dict]:
+    """``learn_tasks`` with ``backbone`` (at 16 px) instead of BACKBONE's."""
+    from retain.methods import create_method
+    from retain.runner import seed_everything
+
+    scenario = ClassIncremental(tiny_bundle(), increment=2, seed=1993)
+    m = create_method(method, create_backbone(backbone, image_size=16), **params)
+    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
+                  progress=False)
+    out = []
+    for task in scenario[:tasks]:
+        seed_everything(1993, task.id)
+        m.learn(task, ctx)
+        out.append({k: v.clone() for k, v in m.state_dict().items()})
+    return out
