@@ -54,8 +54,10 @@ JOBS = {
         "finetune_epochs": 1, "batch_size": 24, "lr": 0.05, "finetune_lr": 0.05,
         "warmup_epochs": 0, "memory_size": 6, "drop_path": 0.5, "mixup": 0.8}, 2),
     "zscl": ("learn-on", "clip_tiny_random", "zscl", {
-        "iterations": 2, "batch_size": 12, "lr": 1e-3, "warmup": 0, "avg_freq": 1,
+        "iterations": 3, "batch_size": 10, "lr": 1e-3, "warmup": 0, "avg_freq": 1,
         "reference": "current"}, 1),
+    "zscl-gradients": ("last-gradients", "clip_tiny_random", "zscl", {
+        "iterations": 2, "batch_size": 10, "lr": 1e-3, "warmup": 0, "reference": "current"}),
     "apg": ("learn-on", "vit_tiny_random", "apg", {
         "immediate_layer": 0, "epochs": 1, "batch_size": 24, "lr": 1e-3, "warmup_epochs": 0,
         "center_samples": 16, "finetune_epochs": 1, "finetune_epochs_per_task": 0,
@@ -173,6 +175,15 @@ def test_own_loops_on_two_ranks_equal_one_process_after_every_task(ranks, method
     slow = run_job(method, (kind, backbone, name, params | {"lr": 1e-9}, 1), Dist(),
                    tempfile.mkdtemp())[0]
     assert max_difference(one[0], slow) > 1e-4  # task 0 moved parameters 10x the tolerance
+
+
+def test_zscl_gradients_of_two_ranks_are_those_of_one_process(ranks):
+    """The text tower and the L2 term (second step: away from its anchor), computed whole on
+    every rank, count once (Adam's steps would hide a factor 2: gradients are compared)."""
+    one, (a, b) = alone("zscl-gradients"), (r["zscl-gradients"] for r in ranks)
+    assert len(one) > 10 and max_difference(a, b) == 0.0
+    assert max_difference(a, one, relative=True) < 1e-6  # gradients up to ~1e2 here
+    assert max(float(g.abs().max()) for g in one.values()) > 1e-3
 
 
 def test_row_keyed_draws_of_a_split_batch_are_those_of_the_whole_batch():
