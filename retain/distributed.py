@@ -13,15 +13,20 @@ places only, each gathering its results so that every rank holds the same values
   (one backbone pass per image in total; rank 0 alone writes the disk cache);
 - ``training.predict_batches``: the positions are split across ranks, the outputs gathered in
   order (features of a trained net, teacher logits, predictions at evaluation);
-- ``training.fit``: each rank computes the loss of its contiguous share of every global batch,
-  weighted by its share of the batch, and the gradients are summed across ranks before the step
-  (one step of N ranks x b equals one process with N·b).
+- ``training.fit`` / ``training.backward_share`` (also used by the methods' own loops): each
+  rank computes the loss of its contiguous share of every global batch, weighted by its share
+  of the batch, and the gradients are summed across ranks before the step (one step of N ranks
+  x b equals one process with N·b); losses that couple a batch's samples gather the outputs
+  (``shard="outputs"``) or compute the whole batch on every rank (``"replicate"``).
+
+Decisions a rank could take differently (DEN expansion, APD consolidation, DyTox growth,
+k-means, SupSup-GN task detection) are taken on rank 0 and broadcast; the runner checks after
+every task that all ranks hold the same method state (``Dist.check_same``).
 
 No ``inputs(pos)`` closure may itself call ``ctx.features`` or ``predict_batches`` (ranks call
 their closures a different number of times in ``predict_batches``). Methods never call
-torch.distributed. Those that train in a loop of their own or take
-decisions a rank could take differently are refused in a multi-process run (``REFUSED``) with
-one line naming the method, until they are made to use the shared pieces.
+torch.distributed, only ``ctx.dist``. Every registered method runs in several processes; a
+method that cannot would be listed in ``REFUSED`` and refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -33,16 +38,8 @@ import torch
 
 from .errors import ConfigError, RetainError
 
-# method -> why it cannot run in several processes yet (it keeps its own training loop)
-REFUSED = {
-    "apg": "trains part of each task in its own loop",
-    "hide_prompt": "contrasts the samples of each batch with each other (its prompt "
-                   "regulariser), so a batch split over processes is not one process's batch",
-    "proof": "contrasts the images of each batch with each other (CLIP loss, B x B), so a batch "
-             "split over processes is not one process's batch",
-    "dytox": "trains in its own loop and adds task tokens on each process",
-    "zscl": "trains in its own loop",
-}
+# method -> why it cannot run in several processes (none at present; tests add an entry)
+REFUSED: dict[str, str] = {}
 
 
 def refusal(method: str) -> str | None:

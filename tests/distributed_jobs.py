@@ -138,8 +138,12 @@ def run_job(name: str, job: tuple, dist: Dist, folder: str) -> object:
         return whole_run(method, params, str(Path(folder) / f"run-{name}"), cache)
     if kind == "learn":
         return learn_tasks(*args, dist=dist)
-    if kind == "learn-on":  # branch distB
+    if kind == "learn-on":  # a method on another backbone and scenario
         return learn_on(*args, dist=dist)
+    if kind == "learn-with":  # a method on another backbone than BACKBONE's
+        return learn_tasks_on(*args, dist=dist)
+    if kind == "last-gradients":
+        return last_gradients(*args, dist=dist)
     raise ValueError(kind)
 
 
@@ -211,3 +215,52 @@ def learn_on(method: str, params: dict, tasks: int, backbone: str, scenario: str
         m.learn(task, ctx)
         out.append({k: v.clone() for k, v in m.state_dict().items()})
     return out
+
+
+# -- branch distA: methods on other backbones (dytox on pixels, proof and zscl on a tiny CLIP) --
+
+def learn_tasks_on(backbone: str, method: str, params: dict, tasks: int, dist: Dist
+                   ) -> list[dict]:
+    """``learn_tasks`` with ``backbone`` (at 16 px) instead of BACKBONE's."""
+    from retain.methods import create_method
+    from retain.runner import seed_everything
+
+    scenario = ClassIncremental(tiny_bundle(), increment=2, seed=1993)
+    m = create_method(method, create_backbone(backbone, image_size=16), **params)
+    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
+                  progress=False)
+    out = []
+    for task in scenario[:tasks]:
+        seed_everything(1993, task.id)
+        m.learn(task, ctx)
+        out.append({k: v.clone() for k, v in m.state_dict().items()})
+    return out
+
+
+def last_gradients(backbone: str, method: str, params: dict, dist: Dist) -> dict:
+    """The gradients of ``method``'s parameters at its last optimiser step on task 0 (Adam's
+    steps hardly change when a gradient is scaled: this sees a term counted twice)."""
+    from retain.methods import create_method
+    from retain.runner import seed_everything
+
+    task = ClassIncremental(tiny_bundle(), increment=2, seed=1993)[0]
+    m = create_method(method, create_backbone(backbone, image_size=16), **params)
+    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
+                  progress=False)
+    grads: dict = {}
+
+    def record(opt, *_):
+        grads.clear()
+        grads.update({f"{i}": p.grad.clone() for i, p in
+                          enumerate(p for g in opt.param_groups for p in g["params"])
+                          if p.grad is not None})
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        seed_everything(1993, task.id)
+        m.learn(task, ctx)
+    finally:
+        hook.remove()
+    return grads

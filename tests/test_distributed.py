@@ -48,6 +48,26 @@ JOBS = {
     "icarl": ("learn", "icarl", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12}, 3),
     "replay": ("learn", "replay", {"epochs": 2, "lr": 0.05, "batch_size": 4, "memory_size": 12,
                                    "memory_batch_size": 4}, 3),
+    # -- branch distA: own loops, teachers, growth, memories, coupled batches over 2 tasks --
+    "dytox": ("learn-with", "pixels", "dytox", {
+        "embed_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4, "epochs": 1,
+        "finetune_epochs": 1, "batch_size": 24, "lr": 0.05, "finetune_lr": 0.05,
+        "warmup_epochs": 0, "memory_size": 6, "drop_path": 0.5, "mixup": 0.8}, 2),
+    "zscl": ("learn-with", "clip_tiny_random", "zscl", {
+        "iterations": 3, "batch_size": 10, "lr": 1e-3, "warmup": 0, "avg_freq": 1,
+        "reference": "current"}, 1),
+    "zscl-gradients": ("last-gradients", "clip_tiny_random", "zscl", {
+        "iterations": 2, "batch_size": 10, "lr": 1e-3, "warmup": 0, "reference": "current"}),
+    "apg": ("learn-with", "vit_tiny_random", "apg", {
+        "immediate_layer": 0, "epochs": 1, "batch_size": 24, "lr": 1e-3, "warmup_epochs": 0,
+        "center_samples": 16, "finetune_epochs": 1, "finetune_epochs_per_task": 0,
+        "proxies_per_class": 2, "augment": False}, 2),
+    "hide_prompt": ("learn-with", "vit_tiny_random", "hide_prompt", {
+        "e_layers": (0,), "prompt_length": 2, "epochs": 1, "batch_size": 24, "lr": 0.01,
+        "tii_epochs": 1, "n_centroids": 2, "ca_epochs": 1, "ca_samples": 8,
+        "tii_ca_samples": 8}, 2),
+    "proof": ("learn-with", "clip_tiny_random", "proof", {
+        "epochs": 1, "batch_size": 24, "lr": 0.05, "memory_size": 6}, 2),
     # one backward of an in-batch contrastive loss under each way of sharding a batch
     **{f"coupled-{mode}-{n}": ("coupled", mode, n) for mode in ("loss", "outputs", "replicate")
        for n in (7, 1)},
@@ -239,6 +259,64 @@ def test_rmsprop_amplifies_the_float_order_of_a_split_batch():
     assert (step(whole) - step(halves)).abs().max() > 1e-6
 
 
+OWN = ["dytox", "zscl", "apg", "hide_prompt", "proof"]  # branch distA
+# softmax is blind to a bias of its keys: the gradient of APG's key bias is 0 up to rounding,
+# which Adam scales to steps of up to lr·0.1, a different rounding (summation order) another
+NOISE = {"apg": ("generator.k.bias",)}
+
+
+@pytest.mark.parametrize("method", OWN)
+def test_own_loops_on_two_ranks_equal_one_process_after_every_task(ranks, method):
+    """DyTox (teacher, growth, memory, finetuning, stochastic depth, MixUp), ZSCL (replicated
+    steps), APG (dropout, library finetuning), HiDe-Prompt (gathered in-batch contrast, k-means)
+    and PROOF (replicated CLIP loss with dropout, memory): both ranks hold the same state after
+    every task, that of one process with the same global batches."""
+    one, noise = alone(method), NOISE.get(method, ())
+    for a, b, want in zip(ranks[0][method], ranks[1][method], one, strict=True):
+        assert max_difference(a, b) == 0.0
+        assert max_difference(*({k: v for k, v in s.items() if k not in noise}
+                                 for s in (a, want))) < 1e-5
+    kind, backbone, name, params, tasks = JOBS[method]
+    slow = run_job(method, (kind, backbone, name, params | {"lr": 1e-9}, 1), Dist(),
+                   tempfile.mkdtemp())[0]
+    assert max_difference(one[0], slow) > 1e-4  # task 0 moved parameters 10x the tolerance
+
+
+def test_zscl_gradients_of_two_ranks_are_those_of_one_process(ranks):
+    """The text tower and the L2 term (second step: away from its anchor), computed whole on
+    every rank, count once (Adam's steps would hide a factor 2: gradients are compared)."""
+    one, (a, b) = alone("zscl-gradients"), (r["zscl-gradients"] for r in ranks)
+    assert len(one) > 10 and max_difference(a, b) == 0.0
+    assert max_difference(a, one, relative=True) < 1e-6  # gradients up to ~1e2 here
+    assert max(float(g.abs().max()) for g in one.values()) > 1e-3
+
+
+def test_row_keyed_draws_of_a_split_batch_are_those_of_the_whole_batch():
+    """Dropout / stochastic depth told their rows (retain.layers.rows) draw, on each share of a
+    batch, the masks one process draws for the whole batch; untold, they are the plain layers."""
+    from timm.layers import DropPath
+
+    from retain.layers.rows import RowDropout, RowDropPath, global_rows, keyed_draws, row_ids
+
+    x, ids = torch.randn(7, 3, 5), row_ids(7)
+    for keyed, plain in ((RowDropout(0.3), torch.nn.Dropout(0.3)),
+                         (RowDropPath(0.3), DropPath(0.3))):
+        torch.manual_seed(0)
+        whole = plain(x)
+        torch.manual_seed(0)
+        assert torch.equal(keyed(x), whole)
+        shares = []
+        for part in (slice(0, 3), slice(3, 7)):  # each rank from the same generator state
+            torch.manual_seed(0)
+            with global_rows(keyed, ids[part]):
+                shares.append(keyed(x[part]))
+        assert torch.equal(torch.cat(shares), whole) and keyed.rows is None
+        torch.manual_seed(0)
+        assert not torch.equal(plain(x[3:7]), whole[3:7])  # what a plain layer would draw
+    net = keyed_draws(torch.nn.Sequential(torch.nn.Dropout(0.1), DropPath(0.2)))
+    assert [type(m) for m in net] == [RowDropout, RowDropPath]
+
+
 def learn_nothing(method: str) -> dict:
     """The state after task 0 at a learning rate of 1e-9 (about where the step starts)."""
     kind, name, params, tasks = JOBS[method]
@@ -277,6 +355,10 @@ def test_methods_with_their_own_loops_are_refused_by_name(monkeypatch):
     with one line naming it; the others run."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setitem(REFUSED, "finetune", "is refused by this test")
+
+
+    monkeypatch.setitem(REFUSED, "no_such_method", "trains in a loop of its own")
+    assert not set(REFUSED) & {"dytox", "zscl", "apg", "hide_prompt", "proof"}  # (distA)
     for name in REFUSED:
         with pytest.raises(ConfigError, match=f"method {name} cannot run in several processes"):
             check_method(name)

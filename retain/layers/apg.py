@@ -1,7 +1,7 @@
 """APG's pieces: the Adaptive Prompt Generator, its per-class extra tokens, the proxy classifier,
-the attention loss and the centre library (Tang et al., "When Prompt-based Incremental Learning
-Does Not Meet Strong Pretraining", ICCV 2023; official code TOM-tym/APG). Its warm-up + cosine
-schedule is ``retain.layers.schedules.warmup_cosine``.
+the attention loss, the centre library and the network ``APGNet`` (Tang et al., "When
+Prompt-based Incremental Learning Does Not Meet Strong Pretraining", ICCV 2023; official code
+TOM-tym/APG). Its warm-up + cosine schedule is ``retain.layers.schedules.warmup_cosine``.
 
 Generator (``inclearn/backbones/Self_Prompts.py``: ``AdaptivePromptGenerator``, ``MyAttention``,
 ``Mlp``, ``ExtraTokens``). For a query token x (B, D) — the class token after the ViT's
@@ -47,15 +47,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gaussian import ClassGaussians, Regulariser
+from .prompts import block_inputs, insert_tokens, num_prefix_tokens
+from .rows import RowDropout
 
 
 class GeneratorMlp(nn.Module):
-    """drop(fc2(drop(GELU(fc1(x))))): ``Self_Prompts.Mlp`` at the head commit, no residual."""
+    """drop(fc2(drop(GELU(fc1(x))))): ``Self_Prompts.Mlp`` at the head commit, no residual;
+    dropout drawn per row of the global batch (``retain.layers.rows``)."""
 
     def __init__(self, dim: int, drop: float = 0.1):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = RowDropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))  # no identity path
@@ -241,3 +244,43 @@ class CenterLibrary:
         self.query.load(state, "lib.query.")
         self.feature.load(state, "lib.feature.")
         self.prompts = state["lib.prompts"].float()
+
+
+class APGNet(nn.Module):
+    """Frozen ViT + generator + proxy head: images -> (logits, feature, attention logits,
+    prompts, mean L1 norm of the intermediate tokens[, intermediate class token])."""
+
+    def __init__(self, vit: nn.Module, generator: PromptGenerator, head: ProxyLinear, layer: int):
+        super().__init__()
+        self.vit, self.generator, self.head, self.layer = vit, generator, head, layer
+
+    def train(self, mode: bool = True) -> APGNet:
+        super().train(mode)
+        self.vit.eval()  # the frozen ViT never trains
+        return self
+
+    def forward(self, x: torch.Tensor, with_query: bool = False):
+        at, found = num_prefix_tokens(self.vit), {}
+
+        def edit(seq: torch.Tensor) -> torch.Tensor:  # (B, N, D) leaving block L
+            found["query"] = seq[:, 0]  # (B, D) intermediate class token
+            found["norm"] = seq.detach().abs().sum(-1).mean()  # other_token_norm
+            found["prompts"], found["attn"] = self.generator(seq[:, 0])  # (B,1,D), (B,H,1+T)
+            return insert_tokens(seq, found["prompts"], at)  # (B, N+1, D)
+
+        with block_inputs(self.vit, {self.layer + 1: edit}):
+            feat = self.vit.forward_features(x)[:, 0]  # (B, D) class token after the norm
+        out = (self.head(feat), feat, found["attn"], found["prompts"], found["norm"])
+        return (*out, found["query"]) if with_query else out
+
+
+class Described(nn.Module):
+    """Images -> [intermediate class token, prompt, feature] (B, 3D): the library's inputs."""
+
+    def __init__(self, net: APGNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, feat, _, prompts, _, query = self.net(x, with_query=True)
+        return torch.cat([query, prompts[:, 0], feat], 1)  # (B, 3D)

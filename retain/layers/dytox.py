@@ -24,13 +24,16 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .rows import keyed_draws
 from .task_attention import TaskAttentionBlock
 
 
 def build_dytox(image_size: int, channels: int, *, patch_size: int, embed_dim: int, depth: int,
                 num_heads: int, mlp_ratio: float, drop_path: float) -> DyToxNet:
     """Encoder of ``depth`` SABs (stochastic depth linear from 0 to ``drop_path`` over SABs and
-    TAB, as the official ``drop_path_rate``) + one TAB, without any task yet."""
+    TAB, as the official ``drop_path_rate``) + one TAB, without any task yet. Its stochastic
+    depth draws per row of the global batch (``retain.layers.rows``: several processes split a
+    batch and draw the masks of one process)."""
     encoder = VisionTransformer(
         img_size=image_size, patch_size=patch_size, in_chans=channels, num_classes=0,
         global_pool="", class_token=False, final_norm=False, embed_dim=embed_dim, depth=depth,
@@ -38,7 +41,7 @@ def build_dytox(image_size: int, channels: int, *, patch_size: int, embed_dim: i
         drop_path_rate=drop_path * (depth - 1) / depth,
         norm_layer=nn.LayerNorm)  # ConViT's norm_layer 'layer': eps 1e-5 (timm's ViT: 1e-6)
     tab = TaskAttentionBlock(embed_dim, num_heads, mlp_ratio, drop_path=drop_path)
-    return DyToxNet(encoder, tab)
+    return keyed_draws(DyToxNet(encoder, tab))
 
 
 class DyToxNet(nn.Module):

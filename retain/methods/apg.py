@@ -26,6 +26,10 @@ a proxy head (K = 10 proxies per class). The trunk runs once per image (a pre-ho
    draws of every seen class: L = L1(G(c̃), p̄_c) + CE(head(f̃), c), generator in eval mode; then the
    new classes' statistics are recomputed (old classes' never are).
 
+Under torchrun each global batch (augmentation and library draws as one process) is split over
+the ranks (shard "loss": every term is a per-sample mean or a whole library batch weighted by the
+share), the generator's dropout drawing the global batch's masks (``retain.layers.rows``); the
+finetuning splits its library draws the same way; statistics come from gathered passes.
 Prediction is per sample; no task id. Followed: the files above, ``trans_classifiers.py``,
 ``losses/base.py``, ``data/TensorAugDataset.py``, ``train.py``. Simplified / deviations:
 * Training images get retain's crop + flip (``Augment``) only; the reference's DeiT pipeline
@@ -44,22 +48,29 @@ Prediction is per sample; no task id. Followed: the files above, ``trans_classif
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..context import Context
 from ..datasets.base import Split
-from ..layers.apg import CenterLibrary, PromptGenerator, ProxyLinear, attention_loss
+from ..layers.apg import (
+    APGNet,
+    CenterLibrary,
+    Described,
+    PromptGenerator,
+    ProxyLinear,
+    attention_loss,
+)
 from ..layers.inject import frozen_copy, load_without_trunk, without_trunk
-from ..layers.prompts import block_inputs, insert_tokens, num_prefix_tokens
+from ..layers.rows import RowKeyed, row_ids
 from ..layers.schedules import warmup_cosine
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import fit, image_inputs, seeded
+from ..training import backward_share, fit, image_inputs, predict_batches, seeded
 from ..transforms import Augment
 from .base import GROWS, VIT, Method, Needs, count, register_method
 
@@ -125,11 +136,11 @@ class APG(Method):
         self.cov_eps = cov_eps
         self.cov_reg = cov_reg  # identity: Σ + ε·I (cifar100, imagenetr); all_entries: Σ + ε·11ᵀ
         self.augment = augment
-        self.net_: _APGNet | None = None
+        self.net_: APGNet | None = None
         self.library_: CenterLibrary | None = None
 
     # -- learning ---------------------------------------------------------------------------
-    def _build(self, generator: torch.Generator | None = None) -> _APGNet:
+    def _build(self, generator: torch.Generator | None = None) -> APGNet:
         vit, dim = self.backbone.model, self.backbone.feature_dim
         if not hasattr(vit, "blocks") or self.immediate_layer >= len(vit.blocks) - 1:
             depth = len(getattr(vit, "blocks", ()))
@@ -137,7 +148,7 @@ class APG(Method):
                              f"last block of a ViT of depth {depth} (at most {depth - 2})")
         gen = PromptGenerator(dim, self.generator_heads, self.generator_residual,
                               generator=generator)
-        return _APGNet(frozen_copy(vit), gen, ProxyLinear(dim, self.proxies_per_class),
+        return APGNet(frozen_copy(vit), gen, ProxyLinear(dim, self.proxies_per_class),
                        self.immediate_layer)
 
     def _learn(self, task: Task, ctx: Context) -> None:
@@ -182,18 +193,27 @@ class APG(Method):
         opt, steps = self._optimizer(self.lr), math.ceil(len(split) / self.batch_size)
         sched = warmup_cosine(opt, self.epochs, steps, warmup_epochs=self.warmup_epochs,
                               warmup_lr=self.warmup_lr, min_lr=self.min_lr)
-        fit(self.net_, inputs, torch.from_numpy(split.targets), ctx, epochs=self.epochs,
+        fit(RowKeyed(self.net_), lambda pos: (inputs(pos), row_ids(len(pos))),
+            torch.from_numpy(split.targets), ctx, epochs=self.epochs,
             batch_size=self.batch_size, generator=g, loss_fn=loss, optimizer=opt,
             scheduler=sched, schedule_unit="step", desc=f"apg task {task.id}")
 
-    def _library_loss(self, centroids, feats, prompts, labels, *, eval_gen: bool) -> torch.Tensor:
-        """L1(G(c̃), p̄_c)·constraint + CE(head(f̃), c)·memory CE on library draws."""
+    def _library_out(self, centroids, feats, prompts, *, eval_gen: bool):
+        """G(c̃) (n, D), p̄_c (n, D) and head(f̃) (n, C·K) of library draws."""
         gen = self.net_.generator
         gen.train(not eval_gen)
         generated, _ = gen(centroids)  # (n, 1, D)
-        l1 = F.l1_loss(generated[:, 0], prompts)
-        ce = F.cross_entropy(self.net_.head(feats), labels)
-        return self.constraint_coeff * l1 + self.memory_ce_coeff * ce
+        return generated[:, 0], prompts, self.net_.head(feats)
+
+    def _library_terms(self, out, labels) -> torch.Tensor:
+        """L1(G(c̃), p̄_c)·constraint + CE(head(f̃), c)·memory CE."""
+        generated, prompts, logits = out
+        return self.constraint_coeff * F.l1_loss(generated, prompts) \
+            + self.memory_ce_coeff * F.cross_entropy(logits, labels)
+
+    def _library_loss(self, centroids, feats, prompts, labels, *, eval_gen: bool) -> torch.Tensor:
+        return self._library_terms(self._library_out(centroids, feats, prompts,
+                                                     eval_gen=eval_gen), labels)
 
     def _finetune(self, task: Task, ctx: Context) -> None:
         """Generator + head on library draws of every seen class (``fine_tune_adaptive_prompt_
@@ -206,42 +226,36 @@ class APG(Method):
                               warmup_lr=self.finetune_warmup_lr, min_lr=self.finetune_min_lr)
         draw, g = self.library_.sampler(ctx.device), ctx.generator(task.id, 4)
         n = math.ceil(self.center_samples / len(self.library_))
+        params, forward = self._optimized(opt), partial(self._library_out, eval_gen=True)
         self.net_.train()
         for _ in range(epochs * steps):
-            loss = self._library_loss(*draw(n, g), eval_gen=True)
+            centroids, feats, prompts, labels = draw(n, g)  # every rank draws the same
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            backward_share(forward, self._library_terms, (centroids, feats, prompts), labels, ctx,
+                           params)  # per-draw means: each rank its share of the draws
             opt.step()
             sched.step()
+        ctx.dist.same_state(self.net_, g)
         self.net_.eval()
+
+    @staticmethod
+    def _optimized(opt: torch.optim.Optimizer) -> list[nn.Parameter]:
+        return [p for group in opt.param_groups for p in group["params"]]
 
     def _optimizer(self, lr: float) -> torch.optim.AdamW:
         trainable = [p for p in self.net_.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=lr, weight_decay=self.weight_decay)
 
-    @torch.no_grad()
     def _statistics(self, split: Split, ctx: Context):
         """Intermediate class tokens, prompts and features (N, D) of ``split`` (test transform),
         and its labels."""
-        self.net_.to(ctx.device).eval()
-        rows = []
-        for start in range(0, len(split), ctx.batch_size):
-            pos = np.arange(start, min(len(split), start + ctx.batch_size))
-            _, feat, _, prompts, _, query = self.net_(
-                self.backbone.preprocess(split, pos).to(ctx.device), with_query=True)
-            rows.append(torch.cat([query, prompts[:, 0], feat], 1).float().cpu())  # (B, 3D)
-        x = torch.cat(rows)
+        x = predict_batches(Described(self.net_), image_inputs(self.backbone, split),
+                            len(split), ctx)  # (N, 3D)
         return (*x.chunk(3, dim=1), torch.from_numpy(split.targets))
 
     # -- prediction and state ---------------------------------------------------------------
-    @torch.no_grad()
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
-        self.net_.to(ctx.device).eval()
-        out = []
-        for start in range(0, len(split), ctx.batch_size):
-            pos = np.arange(start, min(len(split), start + ctx.batch_size))
-            out.append(self.net_(self.backbone.preprocess(split, pos).to(ctx.device))[0].cpu())
-        return torch.cat(out).float()
+        return predict_batches(self.net_, image_inputs(self.backbone, split), len(split), ctx)
 
     def _state(self) -> dict[str, torch.Tensor]:
         net = without_trunk(self.net_)
@@ -263,32 +277,3 @@ class APG(Method):
         base = count(self.backbone.model)
         learned = 0 if self.net_ is None else count(self.net_) - count(self.net_.vit)
         return {"trainable": learned, "total": base + learned}
-
-
-class _APGNet(nn.Module):
-    """Frozen ViT + generator + proxy head: images -> (logits, feature, attention logits,
-    prompts, mean L1 norm of the intermediate tokens[, intermediate class token])."""
-
-    def __init__(self, vit: nn.Module, generator: PromptGenerator, head: ProxyLinear, layer: int):
-        super().__init__()
-        self.vit, self.generator, self.head, self.layer = vit, generator, head, layer
-
-    def train(self, mode: bool = True) -> _APGNet:
-        super().train(mode)
-        self.vit.eval()  # the frozen ViT never trains
-        return self
-
-    def forward(self, x: torch.Tensor, with_query: bool = False):
-        at, found = num_prefix_tokens(self.vit), {}
-
-        def edit(seq: torch.Tensor) -> torch.Tensor:  # (B, N, D) leaving block L
-            found["query"] = seq[:, 0]  # (B, D) intermediate class token
-            found["norm"] = seq.detach().abs().sum(-1).mean()  # other_token_norm
-            found["prompts"], found["attn"] = self.generator(seq[:, 0])  # (B,1,D), (B,H,1+T)
-            return insert_tokens(seq, found["prompts"], at)  # (B, N+1, D)
-
-        with block_inputs(self.vit, {self.layer + 1: edit}):
-            feat = self.vit.forward_features(x)[:, 0]  # (B, D) class token after the norm
-        out = (self.head(feat), feat, found["attn"], found["prompts"], found["norm"])
-        return (*out, found["query"]) if with_query else out
-

@@ -25,6 +25,11 @@ Followed the official code, with these deliberate differences:
   (no stochastic depth) while it is frozen during finetuning;
 - augmentation is RandomCrop(pad 4) + horizontal flip only (no RandAugment / colour jitter);
 - LR = ``lr`` × batch / 512 as the code; the default batch 256 is the authors' 2 GPUs × 128.
+Under torchrun (``retain.distributed``): each global batch (augmentation and MixUp drawn as
+one process) is split over the ranks (``backward_share``, shard "loss": BCE, KD and the
+divergence BCE are per-sample means; the teacher runs on each rank's rows), stochastic depth
+draws the global batch's masks (``retain.layers.rows``); the new token and heads are rank 0's
+(broadcast); herding runs on gathered embeddings, so every rank keeps the same memory. No BatchNorm.
 DyTox+ is ``mixup=0.8`` (MixUp with label smoothing 0.1 on soft BCE targets, also in finetuning).
 The network, the loss, MixUp and the crop/flip augmentation live in ``retain.layers.dytox``.
 """
@@ -51,10 +56,11 @@ from ..layers.dytox import (
     soft_targets,
 )
 from ..layers.inject import frozen_copy
+from ..layers.rows import global_rows, row_ids
 from ..memory import ExemplarMemory
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, predict_batches, seeded
+from ..training import backward_share, image_inputs, predict_batches, seeded
 from .base import GROWS, NEW_CLASSES, PIXELS, USES_MEMORY, Method, Needs, count, register_method
 
 
@@ -123,6 +129,7 @@ class DyTox(Method):
             teacher = frozen_copy(self.net_).to(ctx.device) if task.id > 0 else None
             divergence = task.id > 0 and self.div_weight > 0
             self.net_.add_task(len(task.new_classes), divergence)
+            self._agree(ctx)
             self.net_.to(ctx.device)
             self._freeze(finetuning=False)
             data = Split.concat([task.train, self.memory_.as_split()]) if len(self.memory_) \
@@ -156,6 +163,14 @@ class DyTox(Method):
                            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
                            mlp_ratio=self.mlp_ratio, drop_path=self.drop_path)
 
+    def _agree(self, ctx: Context) -> None:
+        """Growth is decided on rank 0: its new task token and heads on every rank."""
+        net = self.net_
+        new = [net.tokens[-1], *net.heads[-1].parameters()]
+        new += [] if net.div_head is None else list(net.div_head.parameters())
+        for p in new:
+            ctx.dist.broadcast_(p.data)
+
     def _freeze(self, finetuning: bool) -> None:
         """Task training: old tokens and heads frozen. Finetuning: the encoder frozen."""
         net = self.net_
@@ -174,6 +189,18 @@ class DyTox(Method):
         opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=base,
                                 weight_decay=self.weight_decay)
         targets = torch.from_numpy(data.targets)
+        params = [p for g in opt.param_groups for p in g["params"]]
+
+        def forward(x: torch.Tensor, ids: torch.Tensor):  # this rank's rows of the batch
+            with global_rows(net, ids):  # stochastic depth: the global batch's draws
+                logits, div = net.outputs(x)
+            with torch.no_grad():
+                old = None if teacher is None else teacher(x)
+            return logits, div, old
+
+        def loss_fn(out, y: torch.Tensor) -> torch.Tensor:
+            return dytox_loss(*out, y, tau=self.tau, div_weight=self.div_weight)[0]
+
         for epoch in range(epochs):
             for group in opt.param_groups:
                 group["lr"] = self._lr(epoch, epochs, base) if schedule else base
@@ -182,15 +209,11 @@ class DyTox(Method):
             perm = torch.randperm(n, generator=generator).numpy()
             for start in range(0, n, bs):
                 pos = perm[start : start + bs]
-                x, y = self._batch(data, pos, targets[pos], generator)
-                x, y = x.to(ctx.device), y.to(ctx.device)
-                logits, div = net.outputs(x)
-                with torch.no_grad():
-                    old = None if teacher is None else teacher(x)
-                loss, _ = dytox_loss(logits, div, old, y, tau=self.tau, div_weight=self.div_weight)
+                x, y = self._batch(data, pos, targets[pos], generator)  # the global batch
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                backward_share(forward, loss_fn, (x, row_ids(len(pos))), y, ctx, params)
                 opt.step()
+        ctx.dist.same_state(net, generator)
         net.eval()
 
     def _lr(self, epoch: int, epochs: int, base: float) -> float:

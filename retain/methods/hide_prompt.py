@@ -26,7 +26,6 @@ The ViT is frozen. Class-incremental prediction is decomposed into three learned
   statistics of every seen class.
 
 Prediction, per sample: cached frozen feature → TII → task k → pass with E-prompt k → head.
-Training never needs a frozen pass beyond the feature cache (TII learns from cached features).
 
 Deviations from the official code:
 * TII trains on the cached features of the unaugmented training images (official: augmented
@@ -36,18 +35,18 @@ Deviations from the official code:
 * Prefixes are gathered per sample with K and V kept apart (the official ``reshape`` of
   (layers, 2, B, ...) into (layers, B, 2, ...) mixes them across samples when B > 1).
 * k-means is :mod:`retain.layers.kmeans` (seeded k-means++, 10 restarts; official: unseeded
-  ``sklearn.cluster.KMeans(n_clusters=10)``); draws come from ``ctx.generator``.
-* Augmentation is :class:`retain.transforms.Augment` (official CIFAR: RandomResizedCrop(224) +
-  flip + ColorJitter(brightness 63/255)).
-* One process. The scripts run 8 (DDP, batch 24 and 24·5 draws per centroid each, lr scaled by
-  24/256 only, ``--unscale_lr``): 192 images (960 draws) per step. The presets match that with
-  batch 192 (ca_samples 960, tii_ca_samples 192); the contrastive term then sees 192 batch
-  features per step instead of 24.
-Faithful details worth knowing: the alignment's weight decay is 0 (the scripts' argparse keeps
-the first default of the duplicated ``--weight-decay``/``--weight_decay``, and the param group
-overrides the SGD constructor's 5e-4); the alignment takes as many steps per epoch as there are
-classes in the earlier tasks, batches of ``samples`` (TAP 5 × batch 24 = 120 per cluster; TII
-24); the TII trainer scales ``ca_lr`` by 24/256, the WTP trainer does not.
+  ``sklearn.cluster.KMeans(n_clusters=10)``); draws come from ``ctx.generator``. ``Augment``:
+  resized crop + flip (official CIFAR: also ColorJitter(brightness 63/255)).
+* Batches are global: the scripts' 8 DDP processes × batch 24 (24·5 draws per centroid, lr
+  scaled by 24/256 only, ``--unscale_lr``) are the presets' batch 192, ca_samples 960,
+  tii_ca_samples 192. Under torchrun WTP gathers the ranks' logits and features
+  (``fit(shard="outputs")``: the contrast sees the whole batch), TII and the alignments split
+  their CE ("loss"), k-means is rank 0's (broadcast); no BatchNorm.
+Faithful details: the alignment's weight decay is 0 (the scripts' argparse keeps the first
+default of the duplicated ``--weight-decay``/``--weight_decay``; the param group overrides SGD's
+5e-4); the alignment takes as many steps per epoch as there are classes in the earlier tasks,
+batches of ``samples`` (TAP 5 × batch 24 = 120 per cluster; TII 24); the TII trainer scales
+``ca_lr`` by 24/256, the WTP trainer does not.
 """
 
 from __future__ import annotations
@@ -211,7 +210,7 @@ class HiDePrompt(Method):
                 group["lr"] = epoch_lr(base, epoch, self.epochs, self.schedule,
                                        decay_epochs=self.decay_epochs)
             fit(view, inputs, targets, ctx, epochs=1, batch_size=self.batch_size, generator=g,
-                loss_fn=loss, clip_grad=self.clip_grad, optimizer=opt,
+                loss_fn=loss, clip_grad=self.clip_grad, optimizer=opt, shard="outputs",
                 desc=f"hide_prompt task {task.id} epoch {epoch}")
 
     def _settle_prompt(self, t: int) -> None:
@@ -240,6 +239,7 @@ class HiDePrompt(Method):
         draws of every seen class, one step per epoch per class of the earlier tasks."""
         stats.add(feats, torch.from_numpy(task.train.targets), task.new_classes,
                   ctx.generator(task.id, salt))
+        stats.load(ctx.dist.broadcast_object(stats.state("")), "")  # rank 0's k-means
         if task.id > 0 and self.ca_epochs:
             steps = task.num_seen - len(task.new_classes)  # classes of the earlier tasks
             align_on_samples(model, stats, task.seen_classes, steps, epochs=self.ca_epochs,

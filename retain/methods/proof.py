@@ -30,6 +30,10 @@ trainable; the paper freezes old ones: the default here
 (``freeze_old_text_projections=False`` reproduces the code). (3) Training images are not
 augmented (the official cifar224 train transform equals the test transform), so features come
 from the cache.
+Under torchrun every rank computes each whole batch (``fit(shard="replicate")``: the CLIP loss
+is in-batch and the fusion's dropout draws one mask per batch, so this is the exact choice; the
+head on cached features is cheap), gradients averaged; herding runs on the gathered cached
+features, so every rank keeps the same memory. No BatchNorm.
 The cosine learning rate steps once per epoch (``schedule_unit="epoch"``, as the official
 ``CosineAnnealingLR(T_max=epochs)``); ``"step"`` decays it after every batch instead.
 """
@@ -136,7 +140,7 @@ class Proof(Method):
                 lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
                 momentum=self.momentum, generator=ctx.generator(task.id, 2),
                 loss_fn=lambda loss, _: loss, schedule_unit=self.schedule_unit,
-                desc=f"proof task {task.id}")
+                shard="replicate", desc=f"proof task {task.id}")
 
     def _predict(self, split: Split, ctx: Context) -> torch.Tensor:
         feats = ctx.features(self.backbone, split).float()  # (N, E)

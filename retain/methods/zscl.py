@@ -28,6 +28,10 @@ embeddings come from retain's frozen-feature cache (the same numbers, one pass p
 image); reference data is a user folder (``retain.layers.zscl.read_reference``) instead of
 ImageNet + Conceptual Captions; ``reference="current"`` (this task's images and the seen class
 prompts) is an offline fallback, NOT the paper's setting; ``ce_classes="seen"`` is an option.
+Under torchrun a step's task and reference images are split over the ranks and their features
+gathered (``backward_share(shard="outputs")``, as the text-side distillation contrasts the
+reference images with each other); the text tower and L2 terms, computed whole on every rank,
+count 1/W each (``shared_gradient``). CLIP has no BatchNorm and no dropout.
 """
 
 from __future__ import annotations
@@ -42,10 +46,17 @@ from torch import nn
 from ..context import Context
 from ..datasets.base import Split
 from ..errors import ConfigError
-from ..layers.zscl import distillation, merge_running_mean, read_reference, warmup_cosine, weight_l2
+from ..layers.zscl import (
+    distillation,
+    merge_running_mean,
+    read_reference,
+    shared_gradient,
+    warmup_cosine,
+    weight_l2,
+)
 from ..params import Interval
 from ..scenarios.base import Task
-from ..training import image_inputs, load_prefixed, predict_batches
+from ..training import backward_share, image_inputs, load_prefixed, predict_batches
 from .base import CLIP, Method, Needs, count, register_method
 
 
@@ -143,7 +154,7 @@ class ZSCL(Method):
     def _train(self, task: Task, ctx: Context, ref_split: Split, ref_texts: list[str]
                ) -> ClipPair | None:
         """``iterations`` AdamW steps on ``self.net_``; returns the weight ensemble (or None)."""
-        net, dev = self.net_, ctx.device
+        net = self.net_
         params = self._trainable(net)
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay,
                                 betas=(0.9, self.beta2))
@@ -162,17 +173,17 @@ class ZSCL(Method):
         net.train()
         for it in range(self.iterations):
             pos, rpos = next(batches), next(ref_batches)
-            x = self.backbone.preprocess(task.train, pos).to(dev)  # (B, 3, S, S)
-            rx = self.backbone.preprocess(ref_split, rpos).to(dev)  # (R, 3, S, S)
-            y = lookup[targets[pos]].to(dev)  # (B,)
-            loss = self._loss(net, x, y, tokens, rx, ref_img0[rpos].to(dev), ref_txt0, anchor)
+            x = self.backbone.preprocess(task.train, pos)  # (B, 3, S, S)
+            rx = self.backbone.preprocess(ref_split, rpos)  # (R, 3, S, S)
+            y = lookup[targets[pos]]  # (B,)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self._backward(net, (x, y, rx, ref_img0[rpos]), tokens, ref_txt0, anchor, ctx, params)
             opt.step()
             sched.step()
             if ensemble is not None and it % self.avg_freq == 0:
                 merge_running_mean(net, ensemble, n_we)
                 n_we += 1
+        ctx.dist.same_state(net)
         return ensemble
 
     def _trainable(self, net: ClipPair) -> list[nn.Parameter]:
@@ -190,13 +201,56 @@ class ZSCL(Method):
         loss = F.cross_entropy(scale * img @ text.T, y, label_smoothing=self.label_smoothing)
         if anchor is not None:
             loss = loss + self.l2 * weight_l2(net, anchor)
-        if self.image_loss > 0 or self.text_loss > 0:
-            z_cur = scale * F.normalize(net.visual(rx), dim=-1) @ ref_txt0.T  # (R, M)
-            z_ref = scale * ref_img0 @ ref_txt0.T  # (R, M)
-            T = self.temperature
-            loss = loss + self.image_loss * distillation(z_ref, z_cur, T) \
-                + self.text_loss * distillation(z_ref.T, z_cur.T, T)
+        if self._distills:
+            image_kd, text_kd = self._distillation(scale, net.visual(rx), ref_img0, ref_txt0)
+            loss = loss + image_kd + text_kd
         return loss
+
+    @property
+    def _distills(self) -> bool:
+        return self.image_loss > 0 or self.text_loss > 0
+
+    def _distillation(self, scale, ref, ref_img0, ref_txt0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image- and text-side distillation terms of the student's reference features
+        ``ref`` (R, E)."""
+        z_cur = scale * F.normalize(ref, dim=-1) @ ref_txt0.T  # (R, M)
+        z_ref = scale * ref_img0 @ ref_txt0.T  # (R, M)
+        T = self.temperature
+        return (self.image_loss * distillation(z_ref, z_cur, T),
+                self.text_loss * distillation(z_ref.T, z_cur.T, T))
+
+    def _backward(self, net: ClipPair, step, tokens, ref_txt0, anchor, ctx: Context, params
+                  ) -> None:
+        """Gradients of one step ``(x, y, rx, ref_img0)`` on every rank, those of one process.
+        Several processes: the step's images (task then reference) are split over the ranks,
+        their features gathered (``backward_share(shard="outputs")``: the text-side distillation
+        contrasts the reference rows), and the text tower and L2, which every rank then computes
+        whole, count 1/W each. One process (or fewer images than ranks): the whole step."""
+        x, y, rx, ref_img0 = step
+        images = torch.cat([x, rx]) if self._distills else x  # (B [+ R], 3, S, S)
+        world = ctx.dist.world_size
+        if not ctx.dist.active or len(images) < world:
+            backward_share(lambda *s: self._loss(net, s[0], s[1], tokens, s[2], s[3], ref_txt0,
+                                                 anchor), lambda loss, _: loss, step, y, ctx,
+                           params, shard="replicate")
+            return
+
+        def loss_fn(feats: torch.Tensor, _) -> torch.Tensor:  # (B [+ R], E) gathered
+            scale = net.text.logit_scale.exp()
+            text = F.normalize(shared_gradient(net.text(tokens), world), dim=-1)  # (C, E)
+            img = F.normalize(feats[: len(x)], dim=-1)  # (B, E)
+            loss = F.cross_entropy(scale * img @ text.T, y.to(img.device),
+                                   label_smoothing=self.label_smoothing)
+            if anchor is not None:
+                loss = loss + self.l2 * weight_l2(net, anchor) / world
+            if self._distills:
+                image_kd, text_kd = self._distillation(scale, feats[len(x):],
+                                                       ref_img0.to(img.device), ref_txt0)
+                loss = loss + image_kd + text_kd
+            return loss
+
+        rows = torch.arange(len(images))  # (B [+ R],) one row per image
+        backward_share(net.visual, loss_fn, images, rows, ctx, params, shard="outputs")
 
     @torch.no_grad()
     def _teacher_text(self, texts: list[str], ctx: Context) -> torch.Tensor:
