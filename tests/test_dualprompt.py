@@ -176,3 +176,20 @@ def test_real_vit_weights_beat_the_finetune_lower_bound():
     acc = versus_finetune("dualprompt", {"epochs": 10, "batch_size": 16, "lr": 0.01,
                                          "augment": False})
     assert acc["dualprompt"] > acc["finetune"] + 0.1, acc
+
+
+def test_reference_prefix_layout_mixes_k_v_and_samples_as_dp_pt(tiny_vit, scenario):
+    """DP-pt's ``reshape`` of (2, B, L, D) as (B, 2, L, D): sample b takes flat slots 2b, 2b+1
+    of the [K/V][sample] order; with per_sample (default) each sample keeps its own K and V."""
+    m, _ = learned(tiny_vit, scenario, tasks=1, epochs=0, e_prefix_layout="reference")
+    assert m.uses_batch_information
+    net, block = m.net_, m.e_layers[0]
+    idx = torch.tensor([0, 1, 2, 3])
+    got = net.prefixes(idx)[block]  # (4, 2, L, D)
+    e = net.e_prompts[idx][:, 0]  # (4, 2, L, D): sample, K/V
+    flat = e.transpose(0, 1).reshape(8, *e.shape[2:])  # K0 K1 K2 K3 V0 V1 V2 V3
+    for b in range(4):
+        assert torch.equal(got[b, 0], flat[2 * b]) and torch.equal(got[b, 1], flat[2 * b + 1])
+    assert torch.equal(got[0, 1], e[1, 0]) and torch.equal(got[3, 0], e[2, 1])  # K1; V2
+    net.mixed = False
+    assert torch.equal(net.prefixes(idx)[block], e)

@@ -32,7 +32,11 @@ their intermediate stages, and with few training steps, when the keys have barel
 U(-1, 1), even the last: ``test_keys="pool"`` reproduces it); more tasks
 than pool entries is an error (the reference silently falls back to key matching in training);
 E-prefixes are gathered per sample with K/V kept apart (the layout DP-pt's ``reshape`` mixes for
-batches larger than one, pitfalls §4.36). No label smoothing, as DP-pt: its configs declare
+batches larger than one, pitfalls §4.36: it reads the (K/V, sample) stack as (sample, K/V), so
+sample b gets slots 2b and 2b+1; in training, with one forced prompt, half the batch runs with
+(P_K, P_K) and half with (P_V, P_V); at test a sample borrows its neighbours' choices. PILOT
+inherits it. ``e_prefix_layout="reference"`` reproduces it and labels the run as using batch
+information). No label smoothing, as DP-pt: its configs declare
 ``--smoothing 0.1`` but its criterion is a plain ``CrossEntropyLoss`` (``main.py``, ``engine.py``).
 """
 
@@ -78,7 +82,8 @@ class DualPrompt(Method):
                  pool_size: int = 10, pull_coeff: float = 0.1, epochs: int = 5,
                  lr: float = 0.001, batch_size: int = 24, clip_grad: float | None = 1.0,
                  augment: bool = True, shared_prompt_pool: bool = True,
-                 batchwise_prompt: bool = False, test_keys: Literal["learned", "pool"] = "learned"):
+                 batchwise_prompt: bool = False, test_keys: Literal["learned", "pool"] = "learned",
+                 e_prefix_layout: Literal["per_sample", "reference"] = "per_sample"):
         super().__init__(backbone)
         self.g_layers = g_layers  # blocks with the shared G-prompt (() for none)
         self.e_layers = e_layers  # blocks with the task's E-prompt
@@ -94,11 +99,12 @@ class DualPrompt(Method):
         self.shared_prompt_pool = shared_prompt_pool  # E-prompt t starts as a copy of E-prompt t-1
         self.batchwise_prompt = batchwise_prompt
         self.test_keys = test_keys  # keys that compete at test: learned tasks' or all (DP-pt)
+        self.e_prefix_layout = e_prefix_layout  # "reference": DP-pt's K/V-mixing reshape
         self.net_: _DualPromptNet | None = None
 
     @property
     def uses_batch_information(self) -> bool:
-        return self.batchwise_prompt
+        return self.batchwise_prompt or self.e_prefix_layout == "reference"
 
     def _build(self, generator: torch.Generator | None = None) -> _DualPromptNet:
         both = set(self.g_layers) & set(self.e_layers)
@@ -182,6 +188,7 @@ class _DualPromptNet(nn.Module):
         self.g_layers, self.e_layers = cfg.g_layers, cfg.e_layers
         self.batchwise = cfg.batchwise_prompt
         self.all_keys = cfg.test_keys == "pool"
+        self.mixed = cfg.e_prefix_layout == "reference"
         self.register_buffer("learned", torch.zeros((), dtype=torch.long))  # keys that compete
 
     def train(self, mode: bool = True) -> _DualPromptNet:
@@ -198,6 +205,9 @@ class _DualPromptNet(nn.Module):
     def prefixes(self, idx: torch.Tensor) -> dict[int, torch.Tensor]:
         """{block: (B, 2, L, D)}: the G-prompt for everyone, E-prompt ``idx[b]`` for sample b."""
         e = self.e_prompts[idx]  # (B, Ke, 2, Le, D)
+        if self.mixed:  # DP-pt: (2, B, L, D) read as (B, 2, L, D): K/V halves of other samples
+            e = e.permute(1, 2, 0, 3, 4).reshape(e.shape[1], *e.shape[:1], *e.shape[2:])
+            e = e.transpose(0, 1)  # (B, Ke, 2, Le, D) again, mixed as the reference's
         out = {b: p.expand(len(idx), -1, -1, -1)
                for b, p in zip(self.g_layers, self.g_prompt, strict=True)}
         return out | {b: e[:, i] for i, b in enumerate(self.e_layers)}
