@@ -148,11 +148,18 @@ def test_old_head_rows_are_unchanged_by_a_new_task(tiny_vit, scenario):
     assert torch.equal(m.net_.head.weight[:2], old[0]) and torch.equal(m.net_.head.bias[:2], old[1])
 
 
-def test_new_head_rows_start_as_the_official_head(tiny_vit, scenario):
-    m = create_method("lae", tiny_vit, **FAST | {"epochs": 0})
+@pytest.mark.parametrize("init", ["official", "pilot"])
+def test_new_head_rows_start_as_the_official_or_pilots_head(tiny_vit, scenario, init):
+    m = create_method("lae", tiny_vit, **FAST | {"epochs": 0, "head_init": init})
     m.learn(scenario[0], Context())
-    w, b = m.net_.head.weight, m.net_.head.bias
-    assert torch.equal(b, torch.zeros(2)) and 0.0005 < w.std() < 0.002  # N(0, 0.001²)
+    w, b = m.net_.head.weight.detach(), m.net_.head.bias.detach()
+    assert torch.equal(b, torch.zeros(2))
+    if init == "official":
+        assert 0.0005 < w.std() < 0.002  # N(0, 0.001²)
+    else:  # PILOT's SimpleLinear: kaiming_uniform_(nonlinearity="linear") = U(±√(3/D))
+        bound = (3.0 / w.shape[1]) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+        assert abs(float(w.std()) - bound / 3 ** 0.5) < 0.25 * bound / 3 ** 0.5
 
 
 def test_prediction_is_the_fusion_of_both_passes_and_per_sample(tiny_vit, scenario):

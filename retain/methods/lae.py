@@ -26,6 +26,12 @@ initial PET and runs the EMA in task 0 too (``ema_first_task=True``), and uses b
 use Adam at a constant rate (the official ``scheduler.mode: linear`` is never stepped, as
 ``schedule_unit: none`` sets its horizon to infinity).
 
+PILOT also starts the head's new rows at U(±√(3/D)) (its ``SimpleLinear``), not N(0, 0.001²):
+``head_init="pilot"``. With two classes per task and CE over the current classes only, the two
+new rows get opposite gradients, so a task's mean logit keeps its initial offset for the whole
+task; PILOT's wide start gives tasks random offsets of a few logits, which decide many
+last-stage predictions on a stream whose features are nearly collinear (parity benchmark).
+
 Deviations: the prefix slots come first, not after CLS (attention does not depend on key order);
 the trunk's own preprocessing/augmentation (``retain.transforms``), not the official
 unnormalised torchvision pipeline; ``drop_last`` is not reproduced.
@@ -34,6 +40,7 @@ unnormalised torchvision pipeline; ``drop_last`` is not reproduced.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Literal
 
 import torch
@@ -77,7 +84,7 @@ class LAE(Method):
                  epochs: int = 5, num_freeze_epochs: int = 3, lr: float = 0.0028125,
                  batch_size: int = 24, ema_decay: float = 0.9999,
                  calibrate_first_task: bool = False, ema_first_task: bool = False,
-                 augment: bool = True):
+                 augment: bool = True, head_init: Literal["official", "pilot"] = "official"):
         super().__init__(backbone)
         self.pet = pet  # the PET kind (official pet_cls: Prefix, Adapter, LoRA)
         self.blocks = blocks  # blocks that carry the PET (official adapt_blocks)
@@ -93,6 +100,7 @@ class LAE(Method):
         self.calibrate_first_task = calibrate_first_task  # PILOT: True; official: False
         self.ema_first_task = ema_first_task  # PILOT: True; official: False
         self.augment = augment
+        self.head_init = head_init  # new rows: official N(0, 0.001²); PILOT U(±√(3/D))
         self.net_: _LAENet | None = None
 
     # -- building ---------------------------------------------------------------------------
@@ -122,7 +130,7 @@ class LAE(Method):
         if self.net_ is None:
             self.net_ = self._build(ctx.generator(0, 0))
         net = self.net_
-        _expand_head(net.head, task.num_seen, ctx.generator(task.id, 1))
+        _expand_head(net.head, task.num_seen, ctx.generator(task.id, 1), self.head_init)
         first = task.id == 0
         if self.epochs:
             frozen = self.num_freeze_epochs if not first or self.calibrate_first_task else 0
@@ -173,11 +181,19 @@ class LAE(Method):
 
 
 @torch.no_grad()
-def _expand_head(head: IncrementalLinear, num_classes: int, generator: torch.Generator) -> None:
-    """Grow the head; new rows N(0, 0.001²), biases 0 (official ``SimpleHead.weights_init``)."""
+def _expand_head(head: IncrementalLinear, num_classes: int, generator: torch.Generator,
+                 init: str = "official") -> None:
+    """Grow the head; new rows N(0, 0.001²) (official ``SimpleHead.weights_init``) or, with
+    ``init="pilot"``, U(±√(3/D)) (PILOT's ``SimpleLinear``: kaiming-uniform, 'linear'); biases 0.
+    """
     old = head.num_classes
     head.expand(num_classes, generator)
-    w = torch.randn(num_classes - old, head.weight.shape[1], generator=generator) * 0.001
+    shape = (num_classes - old, head.weight.shape[1])
+    if init == "pilot":
+        bound = math.sqrt(3.0 / shape[1])
+        w = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    else:
+        w = torch.randn(shape, generator=generator) * 0.001
     head.weight[old:] = w.to(head.weight)
     head.bias[old:] = 0.0
 
