@@ -437,6 +437,40 @@ def test_kill_9_of_two_processes_then_torchrun_resumes_to_the_same_results(tmp_p
     assert [s["correct"] for s in resumed["stages"]] == [s["correct"] for s in ref["stages"]]
 
 
+@pytest.mark.slow
+def test_two_torchrun_agents_meet_as_two_nodes_and_equal_one_process(tmp_path):
+    """Multi-node launch (``--nnodes=2``, c10d rendezvous), both "nodes" on this machine: rank 0
+    on one agent writes the run, and the results equal one process's."""
+    from distributed_jobs import free_port
+
+    from retain.config import make_config
+    from retain.runner import run
+
+    out, port = tmp_path / "nodes", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=retain-test",
+           "-m", "retain", "run", *RESUMED, "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    for a in agents:
+        _, err = a.communicate(timeout=400)
+        assert a.returncode == 0, err[-2000:]
+    got = json.loads((out / "results.json").read_text())
+    assert got["environment"]["processes"] == 2
+    flags, sets = _flags(RESUMED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run(make_config(flags=flags | {"out": str(tmp_path / "ref")}, sets=sets),
+                  echo=lambda *_: None, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(np.array(got["accuracy_matrix"], dtype=float),
+                                  np.array(ref["accuracy_matrix"], dtype=float))
+    assert [s["correct"] for s in got["stages"]] == [s["correct"] for s in ref["stages"]]
+
+
 def descendants(pid: int) -> list[int]:
     """The pids of every process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
