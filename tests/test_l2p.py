@@ -80,7 +80,7 @@ def test_head_rows_start_as_timms_vit_head():
     assert abs(float(timm_head.weight.detach().std()) - 0.02) < 5e-4  # 153,600 draws
     bound = 768 ** -0.5
     assert float(linear.bias.detach().abs().max()) <= bound and linear.bias.detach().abs().max() > 0
-    assert abs(float(linear.weight.std()) - bound / 3 ** 0.5) < 5e-4
+    assert abs(float(linear.weight.detach().std()) - bound / 3 ** 0.5) < 5e-4
     with pytest.raises(ValueError, match="init must be"):
         IncrementalLinear(4, init="zeros")
 
