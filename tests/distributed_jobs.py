@@ -196,8 +196,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-
-# -- branch distB: methods with their own loops on another backbone / scenario ----------------
+# -- methods on another backbone / scenario (own loops, CLIP, raw pixels) ---------------------
 def learn_on(method: str, params: dict, tasks: int, backbone: str, scenario: str,
              dist: Dist) -> list[dict]:
     """As ``learn_tasks``, on backbone ``backbone`` (16 px) and the tiny stream as ``scenario``
@@ -217,24 +216,10 @@ def learn_on(method: str, params: dict, tasks: int, backbone: str, scenario: str
     return out
 
 
-# -- branch distA: methods on other backbones (dytox on pixels, proof and zscl on a tiny CLIP) --
-
 def learn_tasks_on(backbone: str, method: str, params: dict, tasks: int, dist: Dist
                    ) -> list[dict]:
     """``learn_tasks`` with ``backbone`` (at 16 px) instead of BACKBONE's."""
-    from retain.methods import create_method
-    from retain.runner import seed_everything
-
-    scenario = ClassIncremental(tiny_bundle(), increment=2, seed=1993)
-    m = create_method(method, create_backbone(backbone, image_size=16), **params)
-    ctx = Context(device="cpu", batch_size=16, seed=1993, cache=FeatureCache(), dist=dist,
-                  progress=False)
-    out = []
-    for task in scenario[:tasks]:
-        seed_everything(1993, task.id)
-        m.learn(task, ctx)
-        out.append({k: v.clone() for k, v in m.state_dict().items()})
-    return out
+    return learn_on(method, params, tasks, backbone, "B0Inc2", dist=dist)
 
 
 def last_gradients(backbone: str, method: str, params: dict, dist: Dist) -> dict:
