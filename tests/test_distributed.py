@@ -397,9 +397,6 @@ def torchrun(args: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_9_of_two_processes_then_torchrun_resumes_to_the_same_results(tmp_path):
-    from retain.config import make_config
-    from retain.runner import run
-
     out, cache = tmp_path / "victim", ["--cache-dir", str(tmp_path / "cache")]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     victim = subprocess.Popen(torchrun(RESUMED + cache + ["--out", str(out)]), env=env,
@@ -424,17 +421,7 @@ def test_kill_9_of_two_processes_then_torchrun_resumes_to_the_same_results(tmp_p
     assert again.stdout.count(f"resuming {out}: {done} of 5 tasks") == 1  # rank 0 alone prints
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["environment"]["processes"] == 2 and len(resumed["stages"]) == 5
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the same stream in one uninterrupted process
-        flags, sets = _flags(RESUMED)
-        ref = run(make_config(flags=flags | {"out": str(tmp_path / "ref")}, sets=sets),
-                  echo=lambda *_: None, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    np.testing.assert_array_equal(np.array(resumed["accuracy_matrix"], dtype=float),
-                                  np.array(ref["accuracy_matrix"], dtype=float))
-    assert [s["correct"] for s in resumed["stages"]] == [s["correct"] for s in ref["stages"]]
+    assert_same_as_one_process(resumed, tmp_path / "ref")
 
 
 @pytest.mark.slow
@@ -442,9 +429,6 @@ def test_two_torchrun_agents_meet_as_two_nodes_and_equal_one_process(tmp_path):
     """Multi-node launch (``--nnodes=2``, c10d rendezvous), both "nodes" on this machine: rank 0
     on one agent writes the run, and the results equal one process's."""
     from distributed_jobs import free_port
-
-    from retain.config import make_config
-    from retain.runner import run
 
     out, port = tmp_path / "nodes", free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
@@ -458,17 +442,26 @@ def test_two_torchrun_agents_meet_as_two_nodes_and_equal_one_process(tmp_path):
         assert a.returncode == 0, err[-2000:]
     got = json.loads((out / "results.json").read_text())
     assert got["environment"]["processes"] == 2
+    assert_same_as_one_process(got, tmp_path / "ref")
+
+
+def assert_same_as_one_process(results: dict, out: Path) -> None:
+    """``results`` have the accuracy matrix and per-stage correct counts of RESUMED's stream run
+    uninterrupted in this one process (on one thread, as each rank)."""
+    from retain.config import make_config
+    from retain.runner import run
+
     flags, sets = _flags(RESUMED)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = run(make_config(flags=flags | {"out": str(tmp_path / "ref")}, sets=sets),
+        ref = run(make_config(flags=flags | {"out": str(out)}, sets=sets),
                   echo=lambda *_: None, progress=False)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(np.array(got["accuracy_matrix"], dtype=float),
+    np.testing.assert_array_equal(np.array(results["accuracy_matrix"], dtype=float),
                                   np.array(ref["accuracy_matrix"], dtype=float))
-    assert [s["correct"] for s in got["stages"]] == [s["correct"] for s in ref["stages"]]
+    assert [s["correct"] for s in results["stages"]] == [s["correct"] for s in ref["stages"]]
 
 
 def descendants(pid: int) -> list[int]:
