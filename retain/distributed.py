@@ -224,6 +224,12 @@ class Dist:
             return t
         return _GatherRows.apply(t, self)
 
+    def counted_once(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` unchanged, its gradient divided by the number of ranks: a term that every rank
+        computes whole (a text tower, a weight penalty) then counts once when the ranks'
+        gradients are summed."""
+        return t if not self.active else _ScaledGradient.apply(t, 1.0 / self.world_size)
+
     def reduce_gradients(self, params) -> None:
         """Sum the gradients of ``params`` over ranks (one flat all-reduce). A parameter that no
         rank gave a gradient keeps none (so optimisers skip it as in one process)."""
@@ -305,6 +311,19 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad[ctx.rows], None
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def _rows_match(x, n: int) -> bool:

@@ -33,23 +33,6 @@ def weight_l2(module: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a.detach()) ** 2).sum() for p, a in pairs)
 
 
-def shared_gradient(t: torch.Tensor, ranks: int) -> torch.Tensor:
-    """``t`` unchanged, its gradient divided by ``ranks``: a term that each of ``ranks``
-    processes computes whole, their gradients then summed, counts once."""
-    return t if ranks == 1 else _ScaledGradient.apply(t, 1.0 / ranks)
-
-
-class _ScaledGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
 @torch.no_grad()
 def merge_running_mean(model: nn.Module, ensemble: nn.Module, n: int) -> None:
     """theta_WE <- (n * theta_WE + theta) / (n + 1), in place on ``ensemble``'s parameters."""

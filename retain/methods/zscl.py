@@ -31,7 +31,7 @@ prompts) is an offline fallback, NOT the paper's setting; ``ce_classes="seen"`` 
 Under torchrun a step's task and reference images are split over the ranks and their features
 gathered (``backward_share(shard="outputs")``, as the text-side distillation contrasts the
 reference images with each other); the text tower and L2 terms, computed whole on every rank,
-count 1/W each (``shared_gradient``). CLIP has no BatchNorm and no dropout.
+count 1/W each (``Dist.counted_once``). CLIP has no BatchNorm and no dropout.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from ..layers.zscl import (
     distillation,
     merge_running_mean,
     read_reference,
-    shared_gradient,
     warmup_cosine,
     weight_l2,
 )
@@ -237,12 +236,12 @@ class ZSCL(Method):
 
         def loss_fn(feats: torch.Tensor, _) -> torch.Tensor:  # (B [+ R], E) gathered
             scale = net.text.logit_scale.exp()
-            text = F.normalize(shared_gradient(net.text(tokens), world), dim=-1)  # (C, E)
+            text = F.normalize(ctx.dist.counted_once(net.text(tokens)), dim=-1)  # (C, E)
             img = F.normalize(feats[: len(x)], dim=-1)  # (B, E)
             loss = F.cross_entropy(scale * img @ text.T, y.to(img.device),
                                    label_smoothing=self.label_smoothing)
             if anchor is not None:
-                loss = loss + self.l2 * weight_l2(net, anchor) / world
+                loss = loss + self.l2 * ctx.dist.counted_once(weight_l2(net, anchor))
             if self._distills:
                 image_kd, text_kd = self._distillation(scale, feats[len(x):],
                                                        ref_img0.to(img.device), ref_txt0)
